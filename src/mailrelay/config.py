@@ -1,0 +1,416 @@
+"""Configuration: a TOML file becomes frozen attrs values.
+
+Every key is optional; missing keys take the embedded defaults below. Every error is a
+`ConfigError` whose message names the key it is about (``providers[1].port: ...``), so the
+command line can print it on one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import attrs
+
+from mailrelay.netaddr import is_loopback_host
+
+T = TypeVar("T")
+
+TLSMode = Literal["starttls", "implicit", "none"]
+ProviderKind = Literal["smtp", "maildir"]
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the operator: ``key: what is wrong``."""
+
+
+@attrs.frozen
+class SMTPConfig:
+    listen: tuple[str, ...] = (
+        "tcp:2525:interface=127.0.0.1",
+        r"tcp6:2525:interface=\:\:1",
+    )
+    hostname: str = "localhost"
+    max_message_size: int = 26_214_400
+    max_recipients: int = 1000
+    max_connections: int = 100
+    idle_timeout: float = 300.0
+    session_timeout: float = 3600.0
+    max_errors: int = 20
+
+
+@attrs.frozen
+class HTTPConfig:
+    listen: str = "tcp:8025:interface=127.0.0.1"
+
+
+@attrs.frozen
+class SpoolConfig:
+    path: str = "spool"
+    retry_initial: float = 300.0
+    retry_max: float = 3600.0
+    max_lifetime: float = 5 * 24 * 3600.0
+
+
+@attrs.frozen
+class ProviderConfig:
+    name: str
+    kind: ProviderKind = "smtp"
+    # smtp
+    host: str = "127.0.0.1"
+    port: int = 25
+    tls: TLSMode = "starttls"
+    ca_file: str | None = None
+    username: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    helo: str = "localhost"
+    connections: int = 4
+    max_messages_per_connection: int = 1000
+    idle_timeout: float = 60.0
+    connect_timeout: float = 30.0
+    greeting_timeout: float = 300.0
+    command_timeout: float = 300.0
+    data_timeout: float = 180.0
+    final_timeout: float = 600.0
+    # maildir
+    path: str = "Maildir"
+
+    def password(self) -> str | None:
+        """Read the secret at the moment it is needed; it is never stored in the config value."""
+        if self.password_env is not None:
+            return os.environ.get(self.password_env)
+        if self.password_file is not None:
+            return Path(self.password_file).read_text().strip()
+        return None
+
+
+@attrs.frozen
+class RoutingConfig:
+    default: tuple[str, ...] = ("local",)
+
+
+@attrs.frozen
+class LogConfig:
+    format: Literal["text", "json"] = "text"
+
+
+DEFAULT_PROVIDERS = (ProviderConfig(name="local", kind="maildir", path="Maildir"),)
+
+
+@attrs.frozen
+class Config:
+    smtp: SMTPConfig = SMTPConfig()
+    http: HTTPConfig = HTTPConfig()
+    spool: SpoolConfig = SpoolConfig()
+    providers: tuple[ProviderConfig, ...] = DEFAULT_PROVIDERS
+    routing: RoutingConfig = RoutingConfig()
+    log: LogConfig = LogConfig()
+    source: str | None = None  # the file it came from; None means the embedded default
+
+    @property
+    def is_embedded_default(self) -> bool:
+        return self.source is None
+
+    def provider(self, name: str) -> ProviderConfig:
+        for provider in self.providers:
+            if provider.name == name:
+                return provider
+        raise KeyError(name)
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate a config file; None gives the embedded default."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(data, source=str(path))
+
+
+def parse(data: Mapping[str, Any], source: str | None = "<string>") -> Config:
+    _no_unknown_keys(data, {"smtp", "http", "spool", "providers", "routing", "log"}, "")
+    smtp = _section(data, "smtp", _parse_smtp)
+    http = _section(data, "http", _parse_http)
+    spool = _section(data, "spool", _parse_spool)
+    log = _section(data, "log", _parse_log)
+
+    if "providers" in data:
+        raw_providers = data["providers"]
+        if not isinstance(raw_providers, list) or not raw_providers:
+            raise ConfigError("providers: must be a non-empty array of tables ([[providers]])")
+        providers = tuple(
+            _parse_provider(_table(p, f"providers[{i}]"), f"providers[{i}]")
+            for i, p in enumerate(raw_providers)
+        )
+    else:
+        providers = DEFAULT_PROVIDERS
+    names = [p.name for p in providers]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"providers[{i}].name: duplicate provider name {name!r}")
+
+    if "routing" in data:
+        routing = _parse_routing(_table(data["routing"], "routing"), "routing")
+    elif "providers" in data:
+        # With providers but no routing, the chain is the providers in the order written.
+        routing = RoutingConfig(default=tuple(names))
+    else:
+        routing = RoutingConfig()
+    for i, name in enumerate(routing.default):
+        if name not in names:
+            raise ConfigError(f"routing.default[{i}]: no provider named {name!r}")
+
+    return Config(
+        smtp=smtp,
+        http=http,
+        spool=spool,
+        providers=providers,
+        routing=routing,
+        log=log,
+        source=source,
+    )
+
+
+def _section(data: Mapping[str, Any], name: str, parser: Callable[[Mapping[str, Any], str], T]) -> T:
+    return parser(_table(data.get(name, {}), name), name)
+
+
+def _parse_smtp(t: Mapping[str, Any], key: str) -> SMTPConfig:
+    d = SMTPConfig()
+    _no_unknown_keys(t, attrs.fields_dict(SMTPConfig).keys(), key)
+    listen = _endpoint_list(t, "listen", key, d.listen)
+    for i, desc in enumerate(listen):
+        _check_server_endpoint(desc, f"{key}.listen[{i}]", loopback_only=True)
+    return SMTPConfig(
+        listen=listen,
+        hostname=_hostname(t, "hostname", key, d.hostname),
+        max_message_size=_int(t, "max_message_size", key, d.max_message_size, minimum=1024),
+        max_recipients=_int(t, "max_recipients", key, d.max_recipients, minimum=1),
+        max_connections=_int(t, "max_connections", key, d.max_connections, minimum=1),
+        idle_timeout=_seconds(t, "idle_timeout", key, d.idle_timeout),
+        session_timeout=_seconds(t, "session_timeout", key, d.session_timeout),
+        max_errors=_int(t, "max_errors", key, d.max_errors, minimum=1),
+    )
+
+
+def _parse_http(t: Mapping[str, Any], key: str) -> HTTPConfig:
+    d = HTTPConfig()
+    _no_unknown_keys(t, attrs.fields_dict(HTTPConfig).keys(), key)
+    listen = _str(t, "listen", key, d.listen)
+    _check_server_endpoint(listen, f"{key}.listen", loopback_only=True)
+    return HTTPConfig(listen=listen)
+
+
+def _parse_spool(t: Mapping[str, Any], key: str) -> SpoolConfig:
+    d = SpoolConfig()
+    _no_unknown_keys(t, attrs.fields_dict(SpoolConfig).keys(), key)
+    retry_initial = _seconds(t, "retry_initial", key, d.retry_initial)
+    retry_max = _seconds(t, "retry_max", key, d.retry_max)
+    if retry_max < retry_initial:
+        raise ConfigError(f"{key}.retry_max: must not be less than {key}.retry_initial")
+    return SpoolConfig(
+        path=_nonempty_str(t, "path", key, d.path),
+        retry_initial=retry_initial,
+        retry_max=retry_max,
+        max_lifetime=_seconds(t, "max_lifetime", key, d.max_lifetime),
+    )
+
+
+def _parse_log(t: Mapping[str, Any], key: str) -> LogConfig:
+    _no_unknown_keys(t, {"format"}, key)
+    fmt = _choice(t, "format", key, "text", ("text", "json"))
+    return LogConfig(format=fmt)  # type: ignore[arg-type]
+
+
+def _parse_routing(t: Mapping[str, Any], key: str) -> RoutingConfig:
+    _no_unknown_keys(t, {"default"}, key)
+    if "default" not in t:
+        raise ConfigError(f"{key}.default: required when [routing] is present")
+    chain = t["default"]
+    if not isinstance(chain, list) or not chain or not all(isinstance(n, str) for n in chain):
+        raise ConfigError(f"{key}.default: must be a non-empty list of provider names")
+    if len(set(chain)) != len(chain):
+        raise ConfigError(f"{key}.default: names a provider twice")
+    return RoutingConfig(default=tuple(chain))
+
+
+def _parse_provider(t: Mapping[str, Any], key: str) -> ProviderConfig:
+    _no_unknown_keys(t, attrs.fields_dict(ProviderConfig).keys(), key)
+    if "name" not in t:
+        raise ConfigError(f"{key}.name: required")
+    name = _nonempty_str(t, "name", key, "")
+    if not all(c.isalnum() or c in "-_." for c in name):
+        raise ConfigError(f"{key}.name: use letters, digits, '-', '_' and '.' only")
+    kind = _choice(t, "kind", key, "smtp", ("smtp", "maildir"))
+    d = ProviderConfig(name=name)
+    if kind == "maildir":
+        smtp_only = sorted(set(t) - {"name", "kind", "path"})
+        if smtp_only:
+            raise ConfigError(f"{key}.{smtp_only[0]}: not used by a maildir provider")
+        return ProviderConfig(name=name, kind="maildir", path=_nonempty_str(t, "path", key, d.path))
+
+    if "path" in t:
+        raise ConfigError(f"{key}.path: only used by a maildir provider")
+    if "host" not in t:
+        raise ConfigError(f"{key}.host: required for an smtp provider")
+    host = _nonempty_str(t, "host", key, d.host)
+    tls = _choice(t, "tls", key, d.tls, ("starttls", "implicit", "none"))
+    default_port = 465 if tls == "implicit" else 25
+    port = _int(t, "port", key, default_port, minimum=1, maximum=65535)
+    username = _optional_str(t, "username", key)
+    password_env = _optional_str(t, "password_env", key)
+    password_file = _optional_str(t, "password_file", key)
+    if password_env is not None and password_file is not None:
+        raise ConfigError(f"{key}.password_file: set password_env or password_file, not both")
+    if username is not None and password_env is None and password_file is None:
+        raise ConfigError(f"{key}.username: needs password_env or password_file")
+    if username is None and (password_env is not None or password_file is not None):
+        raise ConfigError(f"{key}.username: required when a password is configured")
+    if username is not None and tls == "none" and not is_loopback_host(host):
+        # AUTH never crosses a network in clear text.
+        raise ConfigError(f"{key}.tls: AUTH to a non-loopback host needs tls = starttls or implicit")
+    if tls == "none" and not is_loopback_host(host):
+        raise ConfigError(f"{key}.tls: 'none' is only allowed for a loopback upstream")
+    ca_file = _optional_str(t, "ca_file", key)
+    if ca_file is not None and not os.path.isfile(ca_file):
+        raise ConfigError(f"{key}.ca_file: no such file {ca_file!r}")
+    if password_file is not None and not os.path.isfile(password_file):
+        raise ConfigError(f"{key}.password_file: no such file {password_file!r}")
+    return ProviderConfig(
+        name=name,
+        kind="smtp",
+        host=host,
+        port=port,
+        tls=tls,  # type: ignore[arg-type]
+        ca_file=ca_file,
+        username=username,
+        password_env=password_env,
+        password_file=password_file,
+        helo=_hostname(t, "helo", key, socket.gethostname() or d.helo),
+        connections=_int(t, "connections", key, d.connections, minimum=1, maximum=100),
+        max_messages_per_connection=_int(
+            t, "max_messages_per_connection", key, d.max_messages_per_connection, minimum=1
+        ),
+        idle_timeout=_seconds(t, "idle_timeout", key, d.idle_timeout),
+        connect_timeout=_seconds(t, "connect_timeout", key, d.connect_timeout),
+        greeting_timeout=_seconds(t, "greeting_timeout", key, d.greeting_timeout),
+        command_timeout=_seconds(t, "command_timeout", key, d.command_timeout),
+        data_timeout=_seconds(t, "data_timeout", key, d.data_timeout),
+        final_timeout=_seconds(t, "final_timeout", key, d.final_timeout),
+    )
+
+
+# -- value checks ------------------------------------------------------------------------------
+
+
+def _table(value: Any, key: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a table")
+    return value
+
+
+def _no_unknown_keys(t: Mapping[str, Any], known: Any, key: str) -> None:
+    for name in t:
+        if name not in known:
+            where = f"{key}.{name}" if key else name
+            raise ConfigError(f"{where}: unknown key")
+
+
+def _str(t: Mapping[str, Any], name: str, key: str, default: str) -> str:
+    value = t.get(name, default)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}.{name}: must be a string")
+    return value
+
+
+def _nonempty_str(t: Mapping[str, Any], name: str, key: str, default: str) -> str:
+    value = _str(t, name, key, default)
+    if not value:
+        raise ConfigError(f"{key}.{name}: must not be empty")
+    return value
+
+
+def _optional_str(t: Mapping[str, Any], name: str, key: str) -> str | None:
+    if name not in t:
+        return None
+    return _nonempty_str(t, name, key, "")
+
+
+def _hostname(t: Mapping[str, Any], name: str, key: str, default: str) -> str:
+    value = _nonempty_str(t, name, key, default)
+    # It goes into banners and EHLO lines: letters, digits, dots, dashes, and nothing else.
+    if len(value) > 253 or not all(c.isascii() and (c.isalnum() or c in "-.") for c in value):
+        raise ConfigError(f"{key}.{name}: not a valid host name: {value!r}")
+    return value
+
+
+def _choice(t: Mapping[str, Any], name: str, key: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _str(t, name, key, default)
+    if value not in choices:
+        raise ConfigError(f"{key}.{name}: must be one of {', '.join(choices)} (got {value!r})")
+    return value
+
+
+def _int(
+    t: Mapping[str, Any],
+    name: str,
+    key: str,
+    default: int,
+    minimum: int | None = None,
+    maximum: int | None = None,
+) -> int:
+    value = t.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}.{name}: must be an integer")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key}.{name}: must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{key}.{name}: must be at most {maximum}")
+    return value
+
+
+def _seconds(t: Mapping[str, Any], name: str, key: str, default: float) -> float:
+    value = t.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}.{name}: must be a number of seconds")
+    if value <= 0:
+        raise ConfigError(f"{key}.{name}: must be greater than 0")
+    return float(value)
+
+
+def _endpoint_list(
+    t: Mapping[str, Any], name: str, key: str, default: tuple[str, ...]
+) -> tuple[str, ...]:
+    value = t.get(name, list(default))
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}.{name}: must be an endpoint string or a non-empty list of them")
+    return tuple(value)
+
+
+def _check_server_endpoint(description: str, key: str, loopback_only: bool) -> None:
+    """Check an endpoint string without opening it: syntax, and that it stays on loopback."""
+    from mailrelay.endpoints import EndpointError, parse_server_endpoint
+
+    try:
+        listen = parse_server_endpoint(description)
+    except EndpointError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    if loopback_only and listen.interface is not None and not is_loopback_host(listen.interface):
+        raise ConfigError(f"{key}: listens on {listen.interface}, which is not a loopback address")

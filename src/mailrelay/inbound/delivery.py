@@ -1,0 +1,193 @@
+"""IMessageDelivery for the relay: the second loopback gate and one spool file per transaction.
+
+The stock server builds one IMessage per recipient and fans every line out to each (pitfall 3).
+``IRelayDelivery`` adds ``openMessage`` so the protocol opens one message for the whole
+envelope; ``validateTo`` still returns a working per-recipient factory, so the object honours
+the plain ``IMessageDelivery`` contract too.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.logger import Logger
+from twisted.mail import smtp
+from zope.interface import Interface, implementer
+
+from mailrelay.metrics import Metrics
+from mailrelay.netaddr import is_local_peer
+from mailrelay.spool.format import Envelope
+from mailrelay.spool.store import MessageWriter, Spool
+
+
+@attrs.frozen
+class Transaction:
+    """What the client told us before DATA."""
+
+    helo: str
+    sender: str
+    recipients: tuple[str, ...]
+    body_8bit: bool
+
+
+class IIncomingMessage(smtp.IMessage):  # type: ignore[misc]
+    def write(data: bytes) -> None:
+        """Add message bytes (CRLF lines, dots already unstuffed)."""
+
+    def commit() -> defer.Deferred[str]:
+        """Make the message durable; fires with its queue ID."""
+
+    def abort() -> None:
+        """Throw the message away (the session ended or the message was refused)."""
+
+
+class IRelayDelivery(smtp.IMessageDelivery):  # type: ignore[misc]
+    def openMessage(transaction: Transaction) -> IIncomingMessage:
+        """Start the one spool file of a transaction; raise SMTPServerError to refuse it."""
+
+
+def _peer_host(peer: IAddress) -> str:
+    return str(getattr(peer, "host", None) or getattr(peer, "name", None) or "local")
+
+
+@implementer(IIncomingMessage)
+class IncomingMessage:
+    def __init__(
+        self,
+        writer: MessageWriter,
+        on_durable: Callable[[Envelope, int], None],
+    ) -> None:
+        self._writer = writer
+        self._on_durable = on_durable
+        self.queue_id = writer.envelope.queue_id
+
+    def write(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        self._writer.write(line + b"\r\n")
+
+    def commit(self) -> defer.Deferred[str]:
+        d = self._writer.commit()
+
+        def durable(queue_id: str) -> str:
+            self._on_durable(self._writer.envelope, self._writer.body_length)
+            return queue_id
+
+        return d.addCallback(durable)
+
+    def eomReceived(self) -> defer.Deferred[str]:
+        return self.commit()
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+    def connectionLost(self) -> None:
+        self.abort()
+
+
+@implementer(IRelayDelivery)
+class RelayDelivery:
+    """One per connection: knows the peer, so every step can re-check that it is local."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        peer: IAddress,
+        hostname: str,
+        spool: Spool,
+        clock: IReactorTime,
+        on_accepted: Callable[[Envelope], None],
+        metrics: Metrics,
+    ) -> None:
+        self._peer = peer
+        self._hostname = hostname
+        self._spool = spool
+        self._clock = clock
+        self._on_accepted = on_accepted
+        self._metrics = metrics
+        self._received_header = b""
+
+    def _require_local_peer(self) -> None:
+        # Defence in depth: the factory already refused non-local peers in buildProtocol.
+        if not is_local_peer(self._peer):
+            raise smtp.SMTPServerError(554, "5.7.1 Relay access denied: local clients only")
+
+    # -- IMessageDelivery -------------------------------------------------------------------
+
+    def receivedHeader(self, helo: Any, origin: Any, recipients: Any) -> bytes:
+        return self._received_header
+
+    def validateFrom(self, helo: Any, origin: Any) -> Any:
+        self._require_local_peer()
+        return origin
+
+    def validateTo(self, user: Any) -> Callable[[], IIncomingMessage]:
+        self._require_local_peer()
+        helo = user.helo[0] if user.helo and user.helo[0] else b""
+        transaction = Transaction(
+            helo=helo.decode("ascii", "replace") if isinstance(helo, bytes) else str(helo),
+            sender=str(user.orig),
+            recipients=(str(user.dest),),
+            body_8bit=False,
+        )
+        return lambda: self.openMessage(transaction)
+
+    # -- IRelayDelivery -----------------------------------------------------------------------
+
+    def openMessage(self, transaction: Transaction) -> IIncomingMessage:
+        self._require_local_peer()
+        now = self._clock.seconds()
+        envelope = Envelope(
+            queue_id=self._spool.new_queue_id(),
+            sender=transaction.sender,
+            recipients=transaction.recipients,
+            received_at=now,
+            client=_peer_host(self._peer),
+            helo=transaction.helo,
+            body_8bit=transaction.body_8bit,
+        )
+        try:
+            writer = self._spool.open_writer(envelope)
+        except OSError as e:
+            self.log.error(
+                "cannot open a spool file: {error}", error=e.strerror or str(e)
+            )
+            raise smtp.SMTPServerError(451, "4.3.0 Local error: cannot write to the spool")
+        self._received_header = self._make_received_header(envelope, now)
+        writer.write(self._received_header)
+        return IncomingMessage(writer, self._accepted)
+
+    def _make_received_header(self, envelope: Envelope, now: float) -> bytes:
+        # HELO was checked to be printable ASCII without spaces by the protocol.
+        for_clause = f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
+        header = (
+            f"Received: from {envelope.helo or 'unknown'} ([{envelope.client}])\r\n"
+            f"\tby {self._hostname} (mailrelay) with ESMTP id {envelope.queue_id}"
+            f"{for_clause};\r\n"
+            f"\t{email.utils.formatdate(now, localtime=True)}\r\n"
+        )
+        return header.encode("ascii")
+
+    def _accepted(self, envelope: Envelope, size: int) -> None:
+        recipients = envelope.recipients
+        self.log.info(
+            "{queue_id} received from={sender} to={first_recipients} recipients={count}"
+            " size={size} client={client}",
+            queue_id=envelope.queue_id,
+            sender=f"<{envelope.sender}>",
+            first_recipients=",".join(f"<{r}>" for r in recipients[:3]),
+            count=len(recipients),
+            size=size,
+            client=envelope.client,
+        )
+        self._metrics.messages_received.inc()
+        self._metrics.recipients_received.inc(len(recipients))
+        self._on_accepted(envelope)
+

@@ -1,0 +1,444 @@
+"""The inbound ESMTP protocol: ``twisted.mail.smtp.ESMTP`` with its input path replaced.
+
+What the stock class gets wrong for a relay, and what this class does instead
+(numbers are items of shared/twisted-pitfalls.md):
+
+- Input framing (6, 7, 8): we own ``dataReceived``. Only CRLF ends a line. A command line over
+  512 octets, a text line over 1000, or that much data without CRLF, gets ``500 5.5.2`` and the
+  session is closed: the rest is never parsed as commands and the buffer never grows past a line.
+  A bare CR, bare LF or NUL in a command gets 501; in DATA it makes the message refused (never
+  stored, never forwarded), and only CRLF.CRLF ends DATA.
+- Reply order (4): while a reply waits on a Deferred (fsync), the transport is paused and
+  further input stays in the buffer; it is processed, in order, after the reply is written.
+- One spool file per transaction (3): DATA opens one message through ``IRelayDelivery``.
+- Spool failure is ``451 4.3.0``, never 550 (9). SIZE is advertised and enforced (10).
+- NOOP, RSET, VRFY (252), HELP (11); MAIL needs HELO/EHLO first.
+- Idle timeout plus an absolute session deadline and an error budget (12); our own banner (13).
+"""
+
+from __future__ import annotations
+
+from enum import Enum, auto
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+from mailrelay.address import AddressError, MailCommand, parse_mail, parse_rcpt
+from mailrelay.config import SMTPConfig
+from mailrelay.inbound.delivery import IIncomingMessage, IRelayDelivery, Transaction
+from mailrelay.metrics import Metrics
+from mailrelay.spool.store import SpoolWriteError
+
+COMMAND_LINE_MAX = 512  # octets with CRLF, RFC 5321 4.5.3.1.4
+TEXT_LINE_MAX = 1000  # octets with CRLF, RFC 5321 4.5.3.1.6
+HELO_MAX = 255
+
+_HTTP_METHODS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"CONNECT"})
+_NOT_IMPLEMENTED = frozenset(
+    {b"EXPN", b"ETRN", b"TURN", b"ATRN", b"AUTH", b"STARTTLS", b"BDAT", b"SEND", b"SOML", b"SAML"}
+)
+_COMMANDS = frozenset(
+    {b"HELO", b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP", b"QUIT", b"VRFY", b"HELP"}
+)
+
+
+class _Mode(Enum):
+    COMMAND = auto()
+    DATA = auto()
+    CLOSED = auto()
+
+
+class _DataProblem(Enum):
+    TOO_BIG = auto()
+    BAD_LINE_ENDING = auto()
+
+
+def _has_bad_octets(line: bytes) -> bool:
+    return b"\r" in line or b"\n" in line or b"\x00" in line
+
+
+class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
+    log = Logger()
+
+    def __init__(
+        self,
+        config: SMTPConfig,
+        clock: IReactorTime,
+        delivery: IRelayDelivery,
+        metrics: Metrics,
+    ) -> None:
+        super().__init__()
+        self.delivery = delivery
+        self.host = config.hostname.encode("ascii")
+        self.timeout = config.idle_timeout
+        # TimeoutMixin schedules through self.callLater: route it to the injected clock.
+        self.callLater = clock.callLater
+        self._config = config
+        self._clock = clock
+        self._metrics = metrics
+        self._buffer = b""
+        self._mode = _Mode.COMMAND
+        self._waiting = False  # a reply is pending on a Deferred; input stays buffered
+        self._errors = 0
+        self._deadline: IDelayedCall | None = None
+        self._helo_name: str | None = None
+        self._mail: MailCommand | None = None
+        self._recipients: list[str] = []
+        self._message: IIncomingMessage | None = None
+        self._data_size = 0
+        self._data_problem: _DataProblem | None = None
+
+    # -- connection -------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._deadline = self._clock.callLater(self._config.session_timeout, self._session_expired)
+        self.setTimeout(self._config.idle_timeout)
+        self._reply(220, None, f"{self._config.hostname} ESMTP mailrelay")
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._mode = _Mode.CLOSED
+        self._discard_message()
+        self._buffer = b""
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self.setTimeout(None)
+        factory = getattr(self, "factory", None)
+        if factory is not None and hasattr(factory, "connectionClosed"):
+            factory.connectionClosed(self)
+
+    def timeoutConnection(self) -> None:
+        self._close(421, "4.4.2", f"{self._config.hostname} Idle timeout, closing connection")
+
+    def _session_expired(self) -> None:
+        self._deadline = None
+        self._close(421, "4.4.2", f"{self._config.hostname} Session too long, closing connection")
+
+    def _close(self, code: int, status: str, text: str) -> None:
+        if self._mode is _Mode.CLOSED:
+            return
+        self._reply(code, status, text)
+        self._mode = _Mode.CLOSED
+        self._buffer = b""
+        self._discard_message()
+        self.setTimeout(None)
+        self.transport.loseConnection()
+
+    def _reply(self, code: int, status: str | None, text: str) -> None:
+        line = f"{code} {status} {text}" if status else f"{code} {text}"
+        self.transport.write(line.encode("ascii", "replace") + b"\r\n")
+
+    def _error_reply(self, code: int, status: str, text: str) -> None:
+        """A 4xx/5xx answer to the client's mistake; too many end the session."""
+        self._reply(code, status, text)
+        self._errors += 1
+        if self._errors >= self._config.max_errors:
+            self._close(421, "4.7.0", f"{self._config.hostname} Too many errors, closing connection")
+
+    # -- input --------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._mode is _Mode.CLOSED:
+            return
+        self._buffer += data
+        self._process_input()
+
+    def _process_input(self) -> None:
+        while not self._waiting and self._buffer:
+            if self._mode is _Mode.DATA:
+                if not self._process_data():
+                    return
+            elif self._mode is _Mode.COMMAND:
+                eol = self._buffer.find(b"\r\n")
+                if eol < 0:
+                    if len(self._buffer) > COMMAND_LINE_MAX - 2:
+                        self._line_too_long()
+                    return
+                if eol > COMMAND_LINE_MAX - 2:
+                    self._line_too_long()
+                    return
+                line, self._buffer = self._buffer[:eol], self._buffer[eol + 2 :]
+                self.resetTimeout()
+                self._command(line)
+            else:
+                return
+
+    def _line_too_long(self) -> None:
+        self._close(500, "5.5.2", "Line too long, closing connection")
+
+    def _command(self, line: bytes) -> None:
+        if _has_bad_octets(line):
+            # "EHLO x\nMAIL FROM:<a>" is one bad line, never two commands (bare LF, pitfall 8).
+            self._error_reply(501, "5.5.2", "Bare CR, LF or NUL in command line")
+            return
+        verb, _, argument = line.strip(b" ").partition(b" ")
+        verb = verb.upper()
+        argument = argument.strip(b" ")
+        if verb in _COMMANDS:
+            getattr(self, "do_" + verb.decode("ascii"))(argument)
+        elif verb in _HTTP_METHODS:
+            self.log.warn("HTTP request on the SMTP port from {peer}", peer=self._peer())
+            self._close(554, "5.7.0", "This is an SMTP server, not HTTP")
+        elif verb in _NOT_IMPLEMENTED:
+            self._error_reply(502, "5.5.1", "Command not implemented")
+        else:
+            self._error_reply(500, "5.5.2", "Command unrecognized")
+
+    def _peer(self) -> str:
+        peer = self.transport.getPeer()
+        return str(getattr(peer, "host", peer))
+
+    # -- waiting on Deferreds without reordering replies -----------------------------------------
+
+    def _wait_for(self, d: defer.Deferred[Any]) -> None:
+        """Hold further input until ``d`` has produced its reply (pitfall 4)."""
+        if d.called:
+            return  # already answered synchronously; nothing to hold
+        self._waiting = True
+        self.transport.pauseProducing()
+
+        def resume(_: object) -> None:
+            self._waiting = False
+            if self._mode is not _Mode.CLOSED:
+                self.transport.resumeProducing()
+                self._process_input()
+
+        d.addBoth(resume)
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def do_HELO(self, argument: bytes) -> None:
+        self._greet(argument, extended=False)
+
+    def do_EHLO(self, argument: bytes) -> None:
+        self._greet(argument, extended=True)
+
+    def _greet(self, argument: bytes, extended: bool) -> None:
+        if not argument or len(argument) > HELO_MAX or not all(0x21 <= c <= 0x7E for c in argument):
+            self._error_reply(501, "5.5.4", "HELO/EHLO needs a host name (printable ASCII)")
+            return
+        self._reset_transaction()
+        self._helo_name = argument.decode("ascii")
+        self._helo = (argument, self._peer().encode("ascii", "replace"))
+        greeting = f"{self._config.hostname} Hello {self._helo_name} [{self._peer()}]"
+        if not extended:
+            self._reply(250, None, greeting)
+            return
+        lines = [
+            greeting,
+            f"SIZE {self._config.max_message_size}",
+            "PIPELINING",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+        ]
+        text = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
+        self.transport.write(text.encode("ascii"))
+
+    def do_MAIL(self, argument: bytes) -> None:
+        if self._helo_name is None:
+            self._error_reply(503, "5.5.1", "Send HELO/EHLO first")
+            return
+        if self._mail is not None:
+            self._error_reply(503, "5.5.1", "Nested MAIL command")
+            return
+        try:
+            mail = parse_mail(argument)
+        except AddressError as e:
+            self._error_reply(e.code, e.status, e.text)
+            return
+        if mail.size is not None and mail.size > self._config.max_message_size:
+            self._error_reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+            return
+        d = defer.maybeDeferred(
+            self.delivery.validateFrom, self._helo, smtp.Address(mail.sender or "<>")
+        )
+
+        def accepted(_: object) -> None:
+            self._mail = mail
+            self._recipients = []
+            self._reply(250, "2.1.0", "Sender OK")
+
+        d.addCallbacks(accepted, self._validation_failed)
+        self._wait_for(d)
+
+    def do_RCPT(self, argument: bytes) -> None:
+        if self._mail is None:
+            self._error_reply(503, "5.5.1", "Need MAIL before RCPT")
+            return
+        try:
+            rcpt = parse_rcpt(argument)
+        except AddressError as e:
+            self._error_reply(e.code, e.status, e.text)
+            return
+        if len(self._recipients) >= self._config.max_recipients:
+            self._error_reply(452, "4.5.3", "Too many recipients")
+            return
+        user = smtp.User(
+            rcpt.recipient.encode("ascii"), self._helo, self, smtp.Address(self._mail.sender or "<>")
+        )
+        d = defer.maybeDeferred(self.delivery.validateTo, user)
+
+        def accepted(_: object) -> None:
+            self._recipients.append(rcpt.recipient)
+            self._reply(250, "2.1.5", "Recipient OK")
+
+        d.addCallbacks(accepted, self._validation_failed)
+        self._wait_for(d)
+
+    def _validation_failed(self, failure: Failure) -> None:
+        error = failure.value
+        if isinstance(error, smtp.SMTPServerError):
+            status, _, text = str(error.resp).partition(" ")
+            self._error_reply(error.code, status, text)
+        else:
+            self.log.failure("validation failed", failure)
+            self._error_reply(451, "4.3.0", "Local error in processing")
+
+    def do_DATA(self, argument: bytes) -> None:
+        if self._mail is None:
+            self._error_reply(503, "5.5.1", "Need MAIL before DATA")
+            return
+        if not self._recipients:
+            self._error_reply(554, "5.5.1", "No valid recipients")
+            return
+        if argument:
+            self._error_reply(501, "5.5.4", "DATA takes no argument")
+            return
+        transaction = Transaction(
+            helo=self._helo_name or "",
+            sender=self._mail.sender,
+            recipients=tuple(self._recipients),
+            body_8bit=self._mail.body_8bit,
+        )
+        try:
+            self._message = self.delivery.openMessage(transaction)
+        except smtp.SMTPServerError as e:
+            status, _, text = str(e.resp).partition(" ")
+            self._reset_transaction()
+            self._error_reply(e.code, status, text)
+            return
+        self._mode = _Mode.DATA
+        self._data_size = 0
+        self._data_problem = None
+        self._reply(354, None, "End data with <CR><LF>.<CR><LF>")
+
+    def do_RSET(self, argument: bytes) -> None:
+        self._reset_transaction()
+        self._reply(250, "2.0.0", "Reset OK")
+
+    def do_NOOP(self, argument: bytes) -> None:
+        self._reply(250, "2.0.0", "OK")
+
+    def do_VRFY(self, argument: bytes) -> None:
+        self._reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+
+    def do_HELP(self, argument: bytes) -> None:
+        self._reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT")
+
+    def do_QUIT(self, argument: bytes) -> None:
+        self._reply(221, "2.0.0", "Bye")
+        self._mode = _Mode.CLOSED
+        self._buffer = b""
+        self.transport.loseConnection()
+
+    def _reset_transaction(self) -> None:
+        self._mail = None
+        self._recipients = []
+        self._discard_message()
+
+    def _discard_message(self) -> None:
+        if self._message is not None:
+            message, self._message = self._message, None
+            message.abort()
+
+    # -- DATA -------------------------------------------------------------------------------------
+
+    def _process_data(self) -> bool:
+        """Consume complete lines of DATA; False when more input is needed."""
+        buffer = self._buffer
+        last_eol = buffer.rfind(b"\r\n")
+        if last_eol < 0:
+            if len(buffer) > TEXT_LINE_MAX - 1:
+                self._line_too_long()
+            return False
+        self.resetTimeout()
+        lines = buffer[:last_eol].split(b"\r\n")
+        rest = buffer[last_eol + 2 :]
+        if len(rest) > TEXT_LINE_MAX - 1:
+            self._line_too_long()
+            return False
+        keep: list[bytes] = []
+        end_at: int | None = None
+        for index, line in enumerate(lines):
+            if len(line) > TEXT_LINE_MAX - 2:
+                self._line_too_long()
+                return False
+            if line[:1] == b".":
+                if line == b".":
+                    end_at = index
+                    break
+                line = line[1:]
+            if _has_bad_octets(line):
+                self._data_problem = self._data_problem or _DataProblem.BAD_LINE_ENDING
+            keep.append(line)
+        if end_at is not None:
+            after = lines[end_at + 1 :]
+            self._buffer = b"".join(line + b"\r\n" for line in after) + rest
+        else:
+            self._buffer = rest
+        self._store(keep)
+        if end_at is not None:
+            self._end_of_data()
+        return True
+
+    def _store(self, lines: list[bytes]) -> None:
+        if not lines or self._message is None:
+            return
+        chunk = b"\r\n".join(lines) + b"\r\n"
+        self._data_size += len(chunk)
+        if self._data_size > self._config.max_message_size:
+            self._data_problem = _DataProblem.TOO_BIG
+        if self._data_problem is None:
+            self._message.write(chunk)
+
+    def _end_of_data(self) -> None:
+        self._mode = _Mode.COMMAND
+        message, self._message = self._message, None
+        self._mail = None
+        self._recipients = []
+        if message is None:
+            return
+        if self._data_problem is not None:
+            message.abort()
+            if self._data_problem is _DataProblem.TOO_BIG:
+                self._metrics.messages_rejected.labels("too_big").inc()
+                self._error_reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+            else:
+                self._metrics.messages_rejected.labels("bare_line_ending").inc()
+                self._error_reply(
+                    550, "5.5.2", "Bare CR or LF, or NUL, in message text (RFC 5321 2.3.8)"
+                )
+            return
+        started = self._clock.seconds()
+        d = message.commit()
+
+        def durable(queue_id: str) -> None:
+            self._metrics.acceptance_seconds.observe(max(0.0, self._clock.seconds() - started))
+            self._reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+        def failed(failure: Failure) -> None:
+            self._metrics.messages_rejected.labels("spool_error").inc()
+            if failure.check(SpoolWriteError):
+                self.log.error(
+                    "spool write failed, answered 451: {error}", error=str(failure.value)
+                )
+            else:
+                self.log.failure("accepting a message failed, answered 451", failure)
+            self._reply(451, "4.3.0", "Local error: message not accepted, try again later")
+
+        d.addCallbacks(durable, failed)
+        self._wait_for(d)

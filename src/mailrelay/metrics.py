@@ -1,0 +1,109 @@
+"""Prometheus metrics, declared once on an injected registry (tests get their own)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from mailrelay import __version__
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        Info("mailrelay", "mailrelay build information", registry=r).info(
+            {"version": __version__}
+        )
+        self.connections = Counter(
+            "mailrelay_smtp_connections_total",
+            "Inbound SMTP connections, by result (accepted or refused).",
+            ["result"],
+            registry=r,
+        )
+        self.messages_received = Counter(
+            "mailrelay_messages_received_total",
+            "Messages accepted into the spool (answered 250).",
+            registry=r,
+        )
+        self.recipients_received = Counter(
+            "mailrelay_recipients_received_total",
+            "Recipients of messages accepted into the spool.",
+            registry=r,
+        )
+        self.messages_rejected = Counter(
+            "mailrelay_messages_rejected_total",
+            "Transactions refused at DATA or the final dot, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.acceptance_seconds = Histogram(
+            "mailrelay_acceptance_seconds",
+            "Time from the final dot to the 250 (includes fsync).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.recipients_delivered = Counter(
+            "mailrelay_recipients_delivered_total",
+            "Recipients accepted by an upstream provider.",
+            ["provider"],
+            registry=r,
+        )
+        self.recipients_deferred = Counter(
+            "mailrelay_recipients_deferred_total",
+            "Recipient attempts that failed temporarily and will be retried.",
+            registry=r,
+        )
+        self.recipients_failed = Counter(
+            "mailrelay_recipients_failed_total",
+            "Recipients that failed permanently.",
+            registry=r,
+        )
+        self.messages_delivered = Counter(
+            "mailrelay_messages_delivered_total",
+            "Messages whose every recipient reached a final outcome with none failed.",
+            registry=r,
+        )
+        self.messages_failed = Counter(
+            "mailrelay_messages_failed_total",
+            "Messages moved to the dead-letter area with at least one failed recipient.",
+            registry=r,
+        )
+        self.possible_duplicates = Counter(
+            "mailrelay_possible_duplicates_total",
+            "Recipients retried after the connection was lost past the final dot.",
+            registry=r,
+        )
+        self.corrupt_files = Counter(
+            "mailrelay_spool_corrupt_total",
+            "Spool files that failed their checksum and were moved to corrupt/.",
+            registry=r,
+        )
+        self.delivery_seconds = Histogram(
+            "mailrelay_delivery_seconds",
+            "Time from acceptance to the last recipient's final outcome.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_connections = Counter(
+            "mailrelay_upstream_connections_total",
+            "Connections opened to upstream providers, by provider and result.",
+            ["provider", "result"],
+            registry=r,
+        )
+        self._queue_depth = Gauge(
+            "mailrelay_queue_depth",
+            "Messages in the spool's queue, by state.",
+            ["state"],
+            registry=r,
+        )
+
+    def watch_queue(self, depth: Callable[[], dict[str, int]]) -> None:
+        """Read queue depth at scrape time instead of updating a gauge on every change."""
+        for state in ("ready", "deferred", "active"):
+            self._queue_depth.labels(state).set_function(
+                lambda state=state: depth().get(state, 0)  # type: ignore[misc]
+            )

@@ -1,0 +1,199 @@
+"""The on-disk format of a spooled message and of its per-recipient journal.
+
+A message file is a magic line followed by framed records::
+
+    MAILRELAY-SPOOL 1\\n
+    record*                      E (envelope, JSON), then B (body chunk) ..., then Z (end)
+    record = tag:1 | length:u32be | payload:length | crc32(tag|length|payload):u32be
+
+The Z record carries the body's total length and CRC, so a file cut short anywhere, or a
+flipped byte anywhere, is detected instead of being half-sent (like Postfix's END record).
+
+A journal file (``<id>.journal`` beside the message) is the same magic line with "JOURNAL" and
+then R records, one per recipient outcome, appended and fsynced before the outcome is acted on.
+A torn last record (a crash mid-append) is ignored: it was never made durable, so nothing
+acted on it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from collections.abc import Iterator
+from enum import Enum
+from typing import Any
+
+import attrs
+
+MESSAGE_MAGIC = b"MAILRELAY-SPOOL 1\n"
+JOURNAL_MAGIC = b"MAILRELAY-JOURNAL 1\n"
+
+TAG_ENVELOPE = b"E"
+TAG_BODY = b"B"
+TAG_END = b"Z"
+TAG_OUTCOME = b"R"
+
+_HEADER = struct.Struct(">cI")
+_CRC = struct.Struct(">I")
+MAX_RECORD = 64 * 1024 * 1024
+
+
+class CorruptSpoolFile(Exception):
+    """A spool file failed its framing or checksum; it must never be delivered as it is."""
+
+
+class Status(Enum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"  # a temporary failure; retried later
+    FAILED = "failed"  # a permanent failure; never retried
+
+    @property
+    def is_final(self) -> bool:
+        return self is not Status.DEFERRED
+
+
+@attrs.frozen
+class Envelope:
+    queue_id: str
+    sender: str
+    recipients: tuple[str, ...]
+    received_at: float
+    client: str
+    helo: str
+    body_8bit: bool = False
+
+    def to_json(self) -> bytes:
+        return json.dumps(attrs.asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Envelope:
+        try:
+            raw = json.loads(data)
+            return cls(
+                queue_id=str(raw["queue_id"]),
+                sender=str(raw["sender"]),
+                recipients=tuple(str(r) for r in raw["recipients"]),
+                received_at=float(raw["received_at"]),
+                client=str(raw["client"]),
+                helo=str(raw["helo"]),
+                body_8bit=bool(raw.get("body_8bit", False)),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptSpoolFile(f"bad envelope record: {e}") from None
+
+
+@attrs.frozen
+class Outcome:
+    """What happened to one recipient on one attempt, as the journal records it."""
+
+    recipient: str
+    status: Status
+    reply: str  # the upstream's reply (or our reason), secrets never included
+    provider: str | None
+    at: float
+    uncertain: bool = False  # the connection was lost after the final dot: maybe delivered
+
+    def to_json(self) -> bytes:
+        data: dict[str, Any] = attrs.asdict(self)
+        data["status"] = self.status.value
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Outcome:
+        try:
+            raw = json.loads(data)
+            return cls(
+                recipient=str(raw["recipient"]),
+                status=Status(raw["status"]),
+                reply=str(raw["reply"]),
+                provider=None if raw.get("provider") is None else str(raw["provider"]),
+                at=float(raw["at"]),
+                uncertain=bool(raw.get("uncertain", False)),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptSpoolFile(f"bad journal record: {e}") from None
+
+
+def record(tag: bytes, payload: bytes) -> bytes:
+    header = _HEADER.pack(tag, len(payload))
+    return header + payload + _CRC.pack(zlib.crc32(payload, zlib.crc32(header)))
+
+
+def end_record(body_length: int, body_crc: int) -> bytes:
+    return record(TAG_END, struct.pack(">QI", body_length, body_crc))
+
+
+def iter_records(data: bytes, magic: bytes) -> Iterator[tuple[bytes, bytes, int]]:
+    """Yield (tag, payload, end offset) for each whole record; raise on any damage."""
+    if not data.startswith(magic):
+        raise CorruptSpoolFile("bad magic line")
+    offset = len(magic)
+    view = memoryview(data)
+    while offset < len(data):
+        if len(data) - offset < _HEADER.size + _CRC.size:
+            raise CorruptSpoolFile(f"truncated record header at offset {offset}")
+        tag, length = _HEADER.unpack_from(data, offset)
+        if length > MAX_RECORD:
+            raise CorruptSpoolFile(f"record too long at offset {offset}")
+        start = offset + _HEADER.size
+        end = start + length
+        if end + _CRC.size > len(data):
+            raise CorruptSpoolFile(f"truncated record at offset {offset}")
+        (crc,) = _CRC.unpack_from(data, end)
+        if crc != zlib.crc32(view[start:end], zlib.crc32(view[offset:start])):
+            raise CorruptSpoolFile(f"checksum mismatch at offset {offset}")
+        offset = end + _CRC.size
+        yield tag, bytes(view[start:end]), offset
+
+
+@attrs.frozen
+class StoredMessage:
+    envelope: Envelope
+    body: bytes  # the message as received (headers and body, CRLF lines, dots unstuffed)
+
+
+def decode_message(data: bytes) -> StoredMessage:
+    envelope: Envelope | None = None
+    chunks: list[bytes] = []
+    for tag, payload, end in iter_records(data, MESSAGE_MAGIC):
+        if tag == TAG_ENVELOPE and envelope is None and not chunks:
+            envelope = Envelope.from_json(payload)
+        elif tag == TAG_BODY and envelope is not None:
+            chunks.append(payload)
+        elif tag == TAG_END and envelope is not None:
+            if end != len(data):
+                raise CorruptSpoolFile("data after the end record")
+            body = b"".join(chunks)
+            length, crc = struct.unpack(">QI", payload)
+            if length != len(body) or crc != zlib.crc32(body):
+                raise CorruptSpoolFile("body length or checksum does not match the end record")
+            return StoredMessage(envelope=envelope, body=body)
+        else:
+            raise CorruptSpoolFile(f"unexpected record {tag!r}")
+    raise CorruptSpoolFile("no end record (truncated)")
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    """Read just the envelope (the first record) from the start of a message file."""
+    for tag, payload, _end in iter_records(data, MESSAGE_MAGIC):
+        if tag != TAG_ENVELOPE:
+            break
+        return Envelope.from_json(payload)
+    raise CorruptSpoolFile("no envelope record")
+
+
+def decode_journal(data: bytes) -> list[Outcome]:
+    """Every outcome fully written; a torn tail (crash mid-append) is dropped, not an error."""
+    if not data:
+        return []
+    outcomes: list[Outcome] = []
+    try:
+        for tag, payload, _end in iter_records(data, JOURNAL_MAGIC):
+            if tag != TAG_OUTCOME:
+                raise CorruptSpoolFile(f"unexpected journal record {tag!r}")
+            outcomes.append(Outcome.from_json(payload))
+    except CorruptSpoolFile as e:
+        if "truncated" not in str(e) or not data.startswith(JOURNAL_MAGIC):
+            raise
+    return outcomes

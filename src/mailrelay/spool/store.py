@@ -1,0 +1,246 @@
+"""The spool directory: durable acceptance, the journal, and the moves between areas.
+
+Layout under the spool path::
+
+    tmp/       messages being received; anything here at start is a leftover and removed
+    queue/     accepted messages (<id>) and their journals (<id>.journal)
+    failed/    dead letters: messages with a recipient that failed for good (the seed's .failed)
+    corrupt/   files that failed their checksum, kept for a person to look at
+
+Durability contract: ``MessageWriter.commit`` writes the tmp file, fsyncs it, renames it into
+``queue/`` and fsyncs the directory; only when that Deferred fires may the server say 250.
+If any step fails the copy is removed and never delivered (no fsync retry: "fsyncgate").
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailrelay.blocking import BlockingRunner
+from mailrelay.spool.format import (
+    JOURNAL_MAGIC,
+    MESSAGE_MAGIC,
+    TAG_BODY,
+    TAG_ENVELOPE,
+    TAG_OUTCOME,
+    CorruptSpoolFile,
+    Envelope,
+    Outcome,
+    StoredMessage,
+    decode_journal,
+    decode_message,
+    end_record,
+    record,
+)
+
+# Body bytes are framed in records of at most this size; small enough to checksum cheaply,
+# large enough that a big message is a handful of records.
+BODY_RECORD_SIZE = 256 * 1024
+JOURNAL_SUFFIX = ".journal"
+
+
+class SpoolWriteError(Exception):
+    """The message could not be made durable; the client must get a 4xx and keep its copy."""
+
+
+def new_queue_id(now: float) -> str:
+    """A unique, time-sortable queue ID: microseconds since the epoch and 32 random bits."""
+    return f"{int(now * 1_000_000):014X}{secrets.randbits(32):08X}"
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    log = Logger()
+
+    def __init__(self, root: Path, runner: BlockingRunner, now: Callable[[], float] = time.time):
+        self.root = root
+        self.tmp = root / "tmp"
+        self.queue = root / "queue"
+        self.failed = root / "failed"
+        self.corrupt = root / "corrupt"
+        self._runner = runner
+        self._now = now
+
+    def prepare(self) -> None:
+        """Create the areas and clear tmp/ of messages whose sessions died before the 250."""
+        for area in (self.tmp, self.queue, self.failed, self.corrupt):
+            area.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+        _fsync_directory(self.root)
+
+    # -- acceptance ---------------------------------------------------------------------------
+
+    def open_writer(self, envelope: Envelope) -> MessageWriter:
+        return MessageWriter(self, envelope)
+
+    def new_queue_id(self) -> str:
+        return new_queue_id(self._now())
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def queued_ids(self) -> list[str]:
+        """IDs of every message in queue/, oldest first (blocking; for recovery)."""
+        return sorted(
+            p.name for p in self.queue.iterdir() if not p.name.endswith(JOURNAL_SUFFIX)
+        )
+
+    def load(self, queue_id: str) -> defer.Deferred[tuple[StoredMessage, list[Outcome]]]:
+        return self._runner.run(self._load, queue_id)
+
+    def _load(self, queue_id: str) -> tuple[StoredMessage, list[Outcome]]:
+        message = decode_message((self.queue / queue_id).read_bytes())
+        if message.envelope.queue_id != queue_id:
+            raise CorruptSpoolFile("envelope names another queue ID")
+        try:
+            journal = (self.queue / (queue_id + JOURNAL_SUFFIX)).read_bytes()
+        except FileNotFoundError:
+            journal = b""
+        return message, decode_journal(journal)
+
+    # -- journal ----------------------------------------------------------------------------------
+
+    def append_journal(self, queue_id: str, outcomes: Sequence[Outcome]) -> defer.Deferred[None]:
+        payload = b"".join(record(TAG_OUTCOME, o.to_json()) for o in outcomes)
+        return self._runner.run(self._append_journal, queue_id, payload)
+
+    def _append_journal(self, queue_id: str, payload: bytes) -> None:
+        path = self.queue / (queue_id + JOURNAL_SUFFIX)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size == 0:
+                payload = JOURNAL_MAGIC + payload
+                created = True
+            else:
+                created = False
+            os.write(fd, payload)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_directory(self.queue)
+
+    # -- leaving the queue ------------------------------------------------------------------------
+
+    def remove(self, queue_id: str) -> defer.Deferred[None]:
+        return self._runner.run(self._remove, queue_id)
+
+    def _remove(self, queue_id: str) -> None:
+        # The message goes first: a journal left alone is cleaned up at the next start,
+        # a message left without its journal would be sent again.
+        (self.queue / queue_id).unlink(missing_ok=True)
+        (self.queue / (queue_id + JOURNAL_SUFFIX)).unlink(missing_ok=True)
+        _fsync_directory(self.queue)
+
+    def move_to_failed(self, queue_id: str) -> defer.Deferred[None]:
+        return self._runner.run(self._move, queue_id, self.failed)
+
+    def move_to_corrupt(self, queue_id: str) -> defer.Deferred[None]:
+        return self._runner.run(self._move, queue_id, self.corrupt)
+
+    def _move(self, queue_id: str, area: Path) -> None:
+        journal = self.queue / (queue_id + JOURNAL_SUFFIX)
+        if journal.exists():
+            os.rename(journal, area / journal.name)
+        os.rename(self.queue / queue_id, area / queue_id)
+        _fsync_directory(area)
+        _fsync_directory(self.queue)
+
+    def remove_orphan_journals(self) -> int:
+        """Journals whose message is gone (a crash inside _remove); blocking, at start."""
+        removed = 0
+        for path in self.queue.glob("*" + JOURNAL_SUFFIX):
+            if not (self.queue / path.name[: -len(JOURNAL_SUFFIX)]).exists():
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+class MessageWriter:
+    """One message being received: framed records into tmp/, made durable by ``commit``."""
+
+    def __init__(self, spool: Spool, envelope: Envelope) -> None:
+        self._spool = spool
+        self.envelope = envelope
+        self._tmp_path = spool.tmp / envelope.queue_id
+        self._final_path = spool.queue / envelope.queue_id
+        self._pending = bytearray()
+        self._body_length = 0
+        self._body_crc = 0
+        self._error: OSError | None = None
+        self._closed = False
+        self._file = open(self._tmp_path, "xb")  # noqa: SIM115 - lives until commit/abort
+        self._write_raw(MESSAGE_MAGIC + record(TAG_ENVELOPE, envelope.to_json()))
+
+    @property
+    def body_length(self) -> int:
+        return self._body_length
+
+    def write(self, data: bytes) -> None:
+        """Add body bytes. Write errors are remembered and reported by commit()."""
+        self._body_length += len(data)
+        self._body_crc = zlib.crc32(data, self._body_crc)
+        self._pending += data
+        if len(self._pending) >= BODY_RECORD_SIZE:
+            self._flush_body_record()
+
+    def _flush_body_record(self) -> None:
+        if self._pending:
+            self._write_raw(record(TAG_BODY, bytes(self._pending)))
+            self._pending.clear()
+
+    def _write_raw(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        try:
+            self._file.write(data)
+        except OSError as e:
+            self._error = e
+
+    def commit(self) -> defer.Deferred[str]:
+        """Make the message durable; fires with the queue ID, or fails with SpoolWriteError."""
+        self._flush_body_record()
+        self._write_raw(end_record(self._body_length, self._body_crc))
+        self._closed = True
+        return self._spool._runner.run(self._make_durable)
+
+    def _make_durable(self) -> str:
+        renamed = False
+        try:
+            if self._error is not None:
+                raise self._error
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.rename(self._tmp_path, self._final_path)
+            renamed = True
+            _fsync_directory(self._spool.queue)
+        except OSError as e:
+            # Never fsync again after a failure: drop this copy; the client keeps its own.
+            self._file.close()
+            (self._final_path if renamed else self._tmp_path).unlink(missing_ok=True)
+            raise SpoolWriteError(f"{e.strerror or e}") from e
+        return self.envelope.queue_id
+
+    def abort(self) -> None:
+        """The session ended before the final dot: nothing of this message stays."""
+        if self._closed:
+            return
+        self._closed = True
+        self._file.close()
+        self._tmp_path.unlink(missing_ok=True)
