@@ -186,7 +186,9 @@ def parse(data: Mapping[str, Any], source: str | None = "<string>") -> Config:
     )
 
 
-def _section(data: Mapping[str, Any], name: str, parser: Callable[[Mapping[str, Any], str], T]) -> T:
+def _section(
+    data: Mapping[str, Any], name: str, parser: Callable[[Mapping[str, Any], str], T]
+) -> T:
     return parser(_table(data.get(name, {}), name), name)
 
 
@@ -283,7 +285,9 @@ def _parse_provider(t: Mapping[str, Any], key: str) -> ProviderConfig:
         raise ConfigError(f"{key}.username: required when a password is configured")
     if username is not None and tls == "none" and not is_loopback_host(host):
         # AUTH never crosses a network in clear text.
-        raise ConfigError(f"{key}.tls: AUTH to a non-loopback host needs tls = starttls or implicit")
+        raise ConfigError(
+            f"{key}.tls: AUTH to a non-loopback host needs tls = starttls or implicit"
+        )
     if tls == "none" and not is_loopback_host(host):
         raise ConfigError(f"{key}.tls: 'none' is only allowed for a loopback upstream")
     ca_file = _optional_str(t, "ca_file", key)
@@ -359,7 +363,9 @@ def _hostname(t: Mapping[str, Any], name: str, key: str, default: str) -> str:
     return value
 
 
-def _choice(t: Mapping[str, Any], name: str, key: str, default: str, choices: tuple[str, ...]) -> str:
+def _choice(
+    t: Mapping[str, Any], name: str, key: str, default: str, choices: tuple[str, ...]
+) -> str:
     value = _str(t, name, key, default)
     if value not in choices:
         raise ConfigError(f"{key}.{name}: must be one of {', '.join(choices)} (got {value!r})")

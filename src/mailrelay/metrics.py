@@ -15,9 +15,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        Info("mailrelay", "mailrelay build information", registry=r).info(
-            {"version": __version__}
-        )
+        Info("mailrelay", "mailrelay build information", registry=r).info({"version": __version__})
         self.connections = Counter(
             "mailrelay_smtp_connections_total",
             "Inbound SMTP connections, by result (accepted or refused).",

@@ -17,7 +17,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.mail import smtp
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
 from mailrelay.metrics import Metrics
 from mailrelay.netaddr import is_local_peer
@@ -156,17 +156,19 @@ class RelayDelivery:
         try:
             writer = self._spool.open_writer(envelope)
         except OSError as e:
-            self.log.error(
-                "cannot open a spool file: {error}", error=e.strerror or str(e)
-            )
-            raise smtp.SMTPServerError(451, "4.3.0 Local error: cannot write to the spool")
+            self.log.error("cannot open a spool file: {error}", error=e.strerror or str(e))
+            raise smtp.SMTPServerError(
+                451, "4.3.0 Local error: cannot write to the spool"
+            ) from None
         self._received_header = self._make_received_header(envelope, now)
         writer.write(self._received_header)
         return IncomingMessage(writer, self._accepted)
 
     def _make_received_header(self, envelope: Envelope, now: float) -> bytes:
         # HELO was checked to be printable ASCII without spaces by the protocol.
-        for_clause = f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
+        for_clause = (
+            f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
+        )
         header = (
             f"Received: from {envelope.helo or 'unknown'} ([{envelope.client}])\r\n"
             f"\tby {self._hostname} (mailrelay) with ESMTP id {envelope.queue_id}"
@@ -190,4 +192,3 @@ class RelayDelivery:
         self._metrics.messages_received.inc()
         self._metrics.recipients_received.inc(len(recipients))
         self._on_accepted(envelope)
-

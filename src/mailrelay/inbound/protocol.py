@@ -137,7 +137,9 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
         self._reply(code, status, text)
         self._errors += 1
         if self._errors >= self._config.max_errors:
-            self._close(421, "4.7.0", f"{self._config.hostname} Too many errors, closing connection")
+            self._close(
+                421, "4.7.0", f"{self._config.hostname} Too many errors, closing connection"
+            )
 
     # -- input --------------------------------------------------------------------------------
 
@@ -278,7 +280,10 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
             self._error_reply(452, "4.5.3", "Too many recipients")
             return
         user = smtp.User(
-            rcpt.recipient.encode("ascii"), self._helo, self, smtp.Address(self._mail.sender or "<>")
+            rcpt.recipient.encode("ascii"),
+            self._helo,
+            self,
+            smtp.Address(self._mail.sender or "<>"),
         )
         d = defer.maybeDeferred(self.delivery.validateTo, user)
 

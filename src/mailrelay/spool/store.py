@@ -96,9 +96,7 @@ class Spool:
 
     def queued_ids(self) -> list[str]:
         """IDs of every message in queue/, oldest first (blocking; for recovery)."""
-        return sorted(
-            p.name for p in self.queue.iterdir() if not p.name.endswith(JOURNAL_SUFFIX)
-        )
+        return sorted(p.name for p in self.queue.iterdir() if not p.name.endswith(JOURNAL_SUFFIX))
 
     def load(self, queue_id: str) -> defer.Deferred[tuple[StoredMessage, list[Outcome]]]:
         return self._runner.run(self._load, queue_id)

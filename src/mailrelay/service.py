@@ -1,0 +1,185 @@
+"""Wiring: one MultiService with every part of the relay.
+
+``makeService`` is the twistd plugin's entry point; ``makeApplication`` serves ``relay.tac``;
+both are thin wrappers over ``buildService(reactor, config)``, which is where the parts meet.
+Children start in the order added and stop in reverse: listeners stop first (no new mail),
+then the queue (closes provider connections, waits for running attempts to journal their
+outcomes), and the I/O thread pool last.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from mailrelay import __version__
+from mailrelay.blocking import BlockingRunner, ThreadRunner
+from mailrelay.config import Config, ConfigError, ProviderConfig, load
+from mailrelay.inbound.factory import RelaySMTPFactory
+from mailrelay.metrics import Metrics
+from mailrelay.outbound.maildir import MaildirProvider
+from mailrelay.outbound.pool import SMTPProvider
+from mailrelay.outbound.results import IProvider
+from mailrelay.outbound.router import Router
+from mailrelay.queue import DeliveryQueue, RetryPolicy
+from mailrelay.spool.store import Spool
+from mailrelay.web import build_site
+
+log = Logger(namespace="mailrelay")
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH]"
+    longdesc = (
+        "Send-only SMTP relay for local applications. Without --config it runs on the embedded"
+        " default: SMTP on 127.0.0.1:2525 and [::1]:2525, health and metrics on"
+        " 127.0.0.1:8025, spool in ./spool, every message captured into ./Maildir."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (default: the embedded default)."],
+    ]
+
+    def opt_version(self) -> None:
+        print(f"mailrelay {__version__}")
+        raise SystemExit(0)
+
+
+class _ThreadPoolService(service.Service):
+    def __init__(self, pool: ThreadPool) -> None:
+        self._pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._pool.stop()
+
+
+class _QueueService(service.Service):
+    def __init__(self, queue: DeliveryQueue) -> None:
+        self._queue = queue
+
+    def startService(self) -> None:
+        super().startService()
+        d = defer.Deferred.fromCoroutine(self._queue.start())
+        d.addErrback(lambda f: log.failure("the delivery queue failed to start", f))
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._queue.stop())
+
+
+def _ipv6_loopback_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def _listen_endpoints(config: Config) -> tuple[str, ...]:
+    listen = config.smtp.listen
+    if config.is_embedded_default and not _ipv6_loopback_available():
+        # The default listens on ::1 too; a host without IPv6 should still start on defaults.
+        log.warn("no IPv6 loopback on this host: listening on 127.0.0.1 only")
+        listen = tuple(d for d in listen if not d.startswith("tcp6:"))
+    return listen
+
+
+def _build_provider(
+    config: ProviderConfig, reactor: Any, runner: BlockingRunner, metrics: Metrics
+) -> IProvider:
+    if config.kind == "maildir":
+        return MaildirProvider(config, reactor, runner)
+    return SMTPProvider(config, reactor, metrics)
+
+
+def buildService(
+    reactor: Any, config: Config, metrics: Metrics | None = None
+) -> service.MultiService:
+    """Every part of the relay, wired, as one service (nothing listens until it starts)."""
+    metrics = metrics if metrics is not None else Metrics()
+    top = service.MultiService()
+
+    pool = ThreadPool(minthreads=1, maxthreads=8, name="mailrelay-io")
+    _ThreadPoolService(pool).setServiceParent(top)
+    runner = ThreadRunner(reactor, pool)
+
+    spool = Spool(Path(config.spool.path), runner, reactor.seconds)
+    try:
+        spool.prepare()
+    except OSError as e:
+        raise ConfigError(
+            f"spool.path: cannot use {config.spool.path!r}: {e.strerror or e}"
+        ) from None
+
+    providers = {p.name: _build_provider(p, reactor, runner, metrics) for p in config.providers}
+    router = Router([providers[name] for name in config.routing.default])
+    policy = RetryPolicy(
+        initial=config.spool.retry_initial,
+        maximum=config.spool.retry_max,
+        lifetime=config.spool.max_lifetime,
+    )
+    queue = DeliveryQueue(reactor, spool, router, policy, metrics)
+    metrics.watch_queue(queue.depth)
+    _QueueService(queue).setServiceParent(top)
+
+    factory = RelaySMTPFactory(config.smtp, reactor, spool, queue.enqueue, metrics)
+    for description in _listen_endpoints(config):
+        strports.service(description, factory).setServiceParent(top)
+    site = build_site(reactor, reactor.seconds(), queue.depth, metrics)
+    strports.service(config.http.listen, site).setServiceParent(top)
+
+    if all(p.kind == "maildir" for p in config.providers):
+        log.warn(
+            "no upstream SMTP provider is configured: every message is stored in the Maildir"
+            " {paths} instead of being relayed (capture mode)",
+            paths=", ".join(str(Path(p.path).resolve()) for p in config.providers),
+        )
+    log.info(
+        "mailrelay {version} config={source} spool={spool} chain={chain}",
+        version=__version__,
+        source=config.source or "<embedded default>",
+        spool=str(Path(config.spool.path).resolve()),
+        chain=",".join(config.routing.default),
+    )
+    return top
+
+
+def _load_or_exit(path: str | None) -> Config:
+    try:
+        return load(path)
+    except ConfigError as e:
+        # One line, no traceback, non-zero exit: twistd prints the SystemExit message.
+        raise SystemExit(f"mailrelay: config error: {e}") from None
+
+
+def _build_or_exit(config: Config) -> service.MultiService:
+    from twisted.internet import reactor
+
+    try:
+        return buildService(reactor, config)
+    except ConfigError as e:
+        raise SystemExit(f"mailrelay: config error: {e}") from None
+
+
+def makeService(options: Options) -> service.MultiService:
+    """Entry point of ``twistd mailrelay``."""
+    return _build_or_exit(_load_or_exit(options["config"]))
+
+
+def makeApplication(config_path: str | None) -> service.Application:
+    """Entry point of ``relay.tac``: ``application = makeApplication(os.environ.get(...))``."""
+    application = service.Application("mailrelay")
+    _build_or_exit(_load_or_exit(config_path)).setServiceParent(application)
+    return application

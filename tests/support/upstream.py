@@ -1,0 +1,394 @@
+"""A real upstream SMTP server (aiosmtpd) for tests and benchmarks, run as its own process.
+
+Run it from the repository root, either way:
+
+    python -m tests.support.upstream --host 127.0.0.1 --port 0 --out DIR
+    python tests/support/upstream.py --host 127.0.0.1 --port 0 --out DIR
+
+Optional faults: ``--reply-rcpt-4xx-prefix S`` answers "451 4.3.0 try later" to every
+recipient whose address starts with S; ``--reply-data-4xx-every N`` answers the same to every
+Nth DATA (1-based over the life of the process) and does not store that message.
+
+What it leaves in DIR:
+
+    ready                 written atomically once the socket listens; holds the bound port
+    connections           one line "<serial> <peer>" per accepted TCP connection (flushed)
+    messages/<seq>.eml    the DATA content exactly as received, after dot-unstuffing
+    messages/<seq>.json   {"mail_from", "rcpt_tos", "connection", "size"}, written last
+    upstream.log          stdout/stderr, when started through UpstreamProcess
+
+Both message files appear via write-to-temp + rename, the .json after the .eml, so a reader
+that sees <seq>.json can always read a complete <seq>.eml. The 250 reply to DATA is sent only
+after both files exist, so a client that got 250 can look for the files at once.
+
+The server half of this module imports only the standard library and aiosmtpd, so that the
+script form works even where the `tests` package is not importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+TRY_LATER = "451 4.3.0 try later"
+
+# aiosmtpd counts DATA bytes as they arrive on the wire (dot-stuffed, CRLF included) against
+# this limit, so leave headroom above the 60 MB messages the tests need.
+DATA_SIZE_LIMIT = 100 * 1024 * 1024
+
+# Passed explicitly: aiosmtpd otherwise calls socket.getfqdn() for every connection, which can
+# stall on a machine with slow or broken DNS.
+SERVER_HOSTNAME = "upstream.localhost"
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    # The temporary name starts with a dot and does not end in .eml/.json, so readers that
+    # glob for finished files never see a half-written one.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class Recorder:
+    """aiosmtpd handler that records connections and messages into the output directory.
+
+    aiosmtpd finds the hooks by name (handle_EHLO, handle_RCPT, handle_DATA). Everything runs
+    on the single event-loop thread, so the counters need no locking.
+    """
+
+    def __init__(self, out: Path, rcpt_4xx_prefix: str | None, data_4xx_every: int | None):
+        self.messages_dir = out / "messages"
+        self.messages_dir.mkdir(parents=True, exist_ok=True)
+        self._rcpt_4xx_prefix = rcpt_4xx_prefix
+        self._data_4xx_every = data_4xx_every
+        self._data_commands = 0
+        # Continue the numbering if the directory is reused, so a restart never overwrites.
+        self._seq = max((int(p.stem) for p in self.messages_dir.glob("*.json")), default=0)
+        connections_path = out / "connections"
+        existing = connections_path.read_bytes() if connections_path.exists() else b""
+        self._connection_serial = existing.count(b"\n")
+        self._connections = connections_path.open("a", encoding="utf-8")
+
+    def close(self) -> None:
+        self._connections.close()
+
+    def connection_opened(self, peer: object) -> int:
+        """Record a new TCP connection and return its serial number (1-based)."""
+        self._connection_serial += 1
+        self._connections.write(f"{self._connection_serial} {peer}\n")
+        self._connections.flush()
+        return self._connection_serial
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        # aiosmtpd 1.4 handles pipelined commands but does not advertise PIPELINING; add it
+        # before the final "250 HELP" line.
+        # With this 5-argument hook aiosmtpd no longer records the client name itself, and
+        # would then answer MAIL with "503 Error: send HELO first".
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if self._rcpt_4xx_prefix and address.startswith(self._rcpt_4xx_prefix):
+            return TRY_LATER
+        # A RCPT hook replaces aiosmtpd's default bookkeeping, so record the recipient here.
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self._data_commands += 1
+        if self._data_4xx_every and self._data_commands % self._data_4xx_every == 0:
+            return TRY_LATER
+        # original_content is the dot-unstuffed DATA with line endings untouched (we run with
+        # decode_data=False; `content` would be the same bytes here).
+        content = envelope.original_content
+        assert content is not None
+        assert isinstance(server, CountingSMTP)
+        self._seq += 1
+        name = f"{self._seq:06d}"
+        # Synchronous writes block the loop briefly; fine for a test server, and it keeps the
+        # "250 means the files exist" guarantee trivially true.
+        _atomic_write(self.messages_dir / f"{name}.eml", content)
+        meta = {
+            "mail_from": envelope.mail_from,
+            "rcpt_tos": list(envelope.rcpt_tos),
+            "connection": server.connection_serial,
+            "size": len(content),
+        }
+        _atomic_write(self.messages_dir / f"{name}.json", json.dumps(meta).encode())
+        return "250 OK"
+
+
+class CountingSMTP(SMTP):
+    """aiosmtpd's SMTP protocol, numbering each TCP connection it serves."""
+
+    def __init__(self, recorder: Recorder, **kwargs: Any) -> None:
+        super().__init__(recorder, **kwargs)
+        self.recorder = recorder
+        self.connection_serial = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # aiosmtpd calls this again after STARTTLS on the same TCP connection; this server
+        # never offers STARTTLS, so every call here is a new connection.
+        peer = transport.get_extra_info("peername")
+        self.connection_serial = self.recorder.connection_opened(peer)
+        super().connection_made(transport)
+
+
+async def serve(
+    host: str,
+    port: int,
+    out: Path,
+    rcpt_4xx_prefix: str | None = None,
+    data_4xx_every: int | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    recorder = Recorder(out, rcpt_4xx_prefix, data_4xx_every)
+
+    def factory() -> SMTP:
+        return CountingSMTP(
+            recorder,
+            data_size_limit=DATA_SIZE_LIMIT,
+            decode_data=False,
+            hostname=SERVER_HOSTNAME,
+            loop=loop,
+        )
+
+    server = await loop.create_server(factory, host=host, port=port)
+    bound_port: int = server.sockets[0].getsockname()[1]
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    _atomic_write(out / "ready", f"{bound_port}\n".encode())
+    print(f"upstream listening on {host}:{bound_port}, writing to {out}", flush=True)
+    await stop.wait()
+    server.close()
+    recorder.close()
+    # asyncio.run() cancels the per-connection tasks that are still running; a message whose
+    # DATA was not complete is neither stored nor acknowledged.
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 or ::1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (see DIR/ready)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--reply-rcpt-4xx-prefix", metavar="S", default=None)
+    parser.add_argument("--reply-data-4xx-every", metavar="N", type=_positive_int, default=None)
+    args = parser.parse_args(argv)
+    if args.host not in ("127.0.0.1", "::1"):
+        parser.error("only loopback (127.0.0.1 or ::1) is allowed")
+    args.out.mkdir(parents=True, exist_ok=True)
+    asyncio.run(
+        serve(
+            args.host,
+            args.port,
+            args.out,
+            args.reply_rcpt_4xx_prefix,
+            args.reply_data_4xx_every,
+        )
+    )
+    return 0
+
+
+class UpstreamProcess:
+    """Runs the server above in a subprocess; a context manager for tests and benchmarks.
+
+    With port=0 (the default) the child binds a free port itself and reports it in DIR/ready,
+    which avoids the race of picking a port here and binding it there. Readiness is that file,
+    not a probe connection, because a probe would show up in connection_count().
+    """
+
+    def __init__(
+        self,
+        out: Path | str | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        rcpt_4xx_prefix: str | None = None,
+        data_4xx_every: int | None = None,
+        startup_timeout: float = 10.0,
+    ) -> None:
+        self.host = host
+        self._requested_port = port
+        self._rcpt_4xx_prefix = rcpt_4xx_prefix
+        self._data_4xx_every = data_4xx_every
+        self._startup_timeout = startup_timeout
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if out is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="upstream-")
+            out = self._tmp.name
+        self.out = Path(out)
+        self.messages_dir = self.out / "messages"
+        self.log_path = self.out / "upstream.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("UpstreamProcess is not started")
+        return self._port
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def start(self) -> UpstreamProcess:
+        # Imported here rather than at the top so that the script form of this file, where
+        # `tests` is not on sys.path, keeps working.
+        from tests.support.net import wait_until
+
+        if self._proc is not None:
+            raise RuntimeError("UpstreamProcess already started")
+        self.out.mkdir(parents=True, exist_ok=True)
+        ready = self.out / "ready"
+        ready.unlink(missing_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "tests.support.upstream",
+            "--host",
+            self.host,
+            "--port",
+            str(self._requested_port),
+            "--out",
+            str(self.out),
+        ]
+        if self._rcpt_4xx_prefix is not None:
+            cmd += ["--reply-rcpt-4xx-prefix", self._rcpt_4xx_prefix]
+        if self._data_4xx_every is not None:
+            cmd += ["--reply-data-4xx-every", str(self._data_4xx_every)]
+        # Output goes to a file, not a pipe: nobody reads a pipe while the tests run, and a
+        # full pipe would block the server.
+        with self.log_path.open("ab") as log:
+            # cwd=REPO_ROOT makes `-m tests.support.upstream` importable from anywhere.
+            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self._proc = proc
+        try:
+            wait_until(
+                lambda: ready.exists() or proc.poll() is not None,
+                timeout=self._startup_timeout,
+                what=f"upstream to write {ready}",
+            )
+        except AssertionError:
+            self.stop()
+            raise TimeoutError(f"upstream did not start:\n{self.log_tail()}") from None
+        if proc.poll() is not None:
+            raise RuntimeError(f"upstream exited with {proc.returncode}:\n{self.log_tail()}")
+        self._port = int(ready.read_text())
+        return self
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM the server and wait for it; returns its exit status (0 on a clean stop)."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def __enter__(self) -> UpstreamProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no upstream.log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _json_paths(self) -> list[Path]:
+        if not self.messages_dir.exists():
+            return []
+        return sorted(self.messages_dir.glob("*.json"), key=lambda p: int(p.stem))
+
+    def message_count(self) -> int:
+        """Number of stored messages; cheap enough to poll (no sorting, no reading)."""
+        try:
+            with os.scandir(self.messages_dir) as entries:
+                return sum(1 for entry in entries if entry.name.endswith(".json"))
+        except FileNotFoundError:
+            return 0
+
+    def messages(self) -> list[dict[str, Any]]:
+        """Stored messages in arrival order: the .json fields plus "seq" and "body" (bytes)."""
+        result: list[dict[str, Any]] = []
+        for path in self._json_paths():
+            meta: dict[str, Any] = json.loads(path.read_bytes())
+            meta["seq"] = int(path.stem)
+            meta["body"] = path.with_suffix(".eml").read_bytes()
+            result.append(meta)
+        return result
+
+    def connection_count(self) -> int:
+        """Number of TCP connections the server has accepted (complete lines only)."""
+        try:
+            return (self.out / "connections").read_bytes().count(b"\n")
+        except FileNotFoundError:
+            return 0
+
+    def wait_for_messages(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Poll until at least n messages are stored, then return messages()."""
+        from tests.support.net import wait_until  # see start() for why it is imported here
+
+        wait_until(
+            lambda: self.message_count() >= n,
+            timeout=timeout,
+            what=f"{n} messages in {self.messages_dir}",
+        )
+        return self.messages()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
