@@ -28,13 +28,21 @@ class ConfigError(Exception):
     """A configuration problem, already phrased for the operator: ``key: what is wrong``."""
 
 
+def _default_hostname() -> str:
+    name = socket.gethostname()
+    if name and all(c.isascii() and (c.isalnum() or c in "-.") for c in name):
+        return name
+    return "localhost"
+
+
 @attrs.frozen
 class SMTPConfig:
     listen: tuple[str, ...] = (
         "tcp:2525:interface=127.0.0.1",
         r"tcp6:2525:interface=\:\:1",
     )
-    hostname: str = "localhost"
+    # The name in the banner and in Received headers; our own, not socket.getfqdn() (pitfall 13).
+    hostname: str = attrs.field(factory=lambda: _default_hostname())
     max_message_size: int = 26_214_400
     max_recipients: int = 1000
     max_connections: int = 100
@@ -94,11 +102,6 @@ class RoutingConfig:
     default: tuple[str, ...] = ("local",)
 
 
-@attrs.frozen
-class LogConfig:
-    format: Literal["text", "json"] = "text"
-
-
 DEFAULT_PROVIDERS = (ProviderConfig(name="local", kind="maildir", path="Maildir"),)
 
 
@@ -109,7 +112,6 @@ class Config:
     spool: SpoolConfig = SpoolConfig()
     providers: tuple[ProviderConfig, ...] = DEFAULT_PROVIDERS
     routing: RoutingConfig = RoutingConfig()
-    log: LogConfig = LogConfig()
     source: str | None = None  # the file it came from; None means the embedded default
 
     @property
@@ -143,11 +145,10 @@ def load(path: str | os.PathLike[str] | None) -> Config:
 
 
 def parse(data: Mapping[str, Any], source: str | None = "<string>") -> Config:
-    _no_unknown_keys(data, {"smtp", "http", "spool", "providers", "routing", "log"}, "")
+    _no_unknown_keys(data, {"smtp", "http", "spool", "providers", "routing"}, "")
     smtp = _section(data, "smtp", _parse_smtp)
     http = _section(data, "http", _parse_http)
     spool = _section(data, "spool", _parse_spool)
-    log = _section(data, "log", _parse_log)
 
     if "providers" in data:
         raw_providers = data["providers"]
@@ -181,7 +182,6 @@ def parse(data: Mapping[str, Any], source: str | None = "<string>") -> Config:
         spool=spool,
         providers=providers,
         routing=routing,
-        log=log,
         source=source,
     )
 
@@ -231,12 +231,6 @@ def _parse_spool(t: Mapping[str, Any], key: str) -> SpoolConfig:
         retry_max=retry_max,
         max_lifetime=_seconds(t, "max_lifetime", key, d.max_lifetime),
     )
-
-
-def _parse_log(t: Mapping[str, Any], key: str) -> LogConfig:
-    _no_unknown_keys(t, {"format"}, key)
-    fmt = _choice(t, "format", key, "text", ("text", "json"))
-    return LogConfig(format=fmt)  # type: ignore[arg-type]
 
 
 def _parse_routing(t: Mapping[str, Any], key: str) -> RoutingConfig:
@@ -305,7 +299,7 @@ def _parse_provider(t: Mapping[str, Any], key: str) -> ProviderConfig:
         username=username,
         password_env=password_env,
         password_file=password_file,
-        helo=_hostname(t, "helo", key, socket.gethostname() or d.helo),
+        helo=_hostname(t, "helo", key, _default_hostname()),
         connections=_int(t, "connections", key, d.connections, minimum=1, maximum=100),
         max_messages_per_connection=_int(
             t, "max_messages_per_connection", key, d.max_messages_per_connection, minimum=1

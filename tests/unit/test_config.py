@@ -1,0 +1,206 @@
+"""Config: every key optional, every error one line that names its key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from mailrelay.cli.main import render_config
+from mailrelay.config import Config, ConfigError, load, parse
+from mailrelay.endpoints import EndpointError, parse_server_endpoint
+from mailrelay.netaddr import is_loopback_host
+
+
+def parse_text(text: str) -> Config:
+    return parse(tomllib.loads(text))
+
+
+def test_no_file_is_the_embedded_default() -> None:
+    config = load(None)
+    assert config.is_embedded_default
+    assert config.smtp.listen == ("tcp:2525:interface=127.0.0.1", r"tcp6:2525:interface=\:\:1")
+    assert config.http.listen == "tcp:8025:interface=127.0.0.1"
+    assert [(p.name, p.kind) for p in config.providers] == [("local", "maildir")]
+    assert config.routing.default == ("local",)
+
+
+def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "empty.toml"
+    path.write_text("")
+    config = load(path)
+    assert config.source == str(path) and config.spool.path == "spool"
+
+
+def test_providers_without_routing_chain_in_written_order() -> None:
+    config = parse_text(
+        "[[providers]]\nname='a'\nhost='127.0.0.1'\ntls='none'\n"
+        "[[providers]]\nname='b'\nhost='smtp.example.com'\nport=587\n"
+    )
+    assert config.routing.default == ("a", "b")
+    assert config.provider("b").tls == "starttls" and config.provider("b").port == 587
+    assert config.provider("a").port == 25
+
+
+def test_implicit_tls_defaults_to_port_465() -> None:
+    config = parse_text("[[providers]]\nname='a'\nhost='smtp.example.com'\ntls='implicit'\n")
+    assert config.provider("a").port == 465
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[smtp]\nlisten = 25\n",
+            "smtp.listen: must be an endpoint string or a non-empty list of them",
+        ),
+        ("[smtp]\nlisten = ['tcp:abc']\n", "smtp.listen[0]: not a valid endpoint string"),
+        (
+            "[smtp]\nlisten = ['tcp:2525']\n",
+            "smtp.listen[0]: listens on 0.0.0.0, which is not a loopback address",
+        ),
+        (
+            "[smtp]\nlisten = ['tcp:2525:interface=10.1.2.3']\n",
+            "smtp.listen[0]: listens on 10.1.2.3",
+        ),
+        ("[smtp]\nmax_recipients = 0\n", "smtp.max_recipients: must be at least 1"),
+        ("[smtp]\nmax_recipients = true\n", "smtp.max_recipients: must be an integer"),
+        ("[smtp]\nhostname = 'bad host'\n", "smtp.hostname: not a valid host name"),
+        ("[smtp]\ncolour = 1\n", "smtp.colour: unknown key"),
+        ("[http]\nlisten = 'tcp:8025'\n", "http.listen: listens on 0.0.0.0"),
+        ("[spool]\nretry_initial = 0\n", "spool.retry_initial: must be greater than 0"),
+        (
+            "[spool]\nretry_initial = 10\nretry_max = 5\n",
+            "spool.retry_max: must not be less than spool.retry_initial",
+        ),
+        ("[spool]\npath = ''\n", "spool.path: must not be empty"),
+        ("providers = []\n", "providers: must be a non-empty array of tables"),
+        ("[[providers]]\nhost = 'x'\n", "providers[0].name: required"),
+        ("[[providers]]\nname = 'a b'\nhost = 'x'\n", "providers[0].name: use letters"),
+        ("[[providers]]\nname = 'a'\n", "providers[0].host: required for an smtp provider"),
+        (
+            "[[providers]]\nname = 'a'\nhost = '127.0.0.1'\nport = 70000\n",
+            "providers[0].port: must be at most 65535",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = '127.0.0.1'\ntls = 'maybe'\n",
+            "providers[0].tls: must be one of starttls, implicit, none",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'smtp.example.com'\ntls = 'none'\n",
+            "providers[0].tls: 'none' is only allowed for a loopback upstream",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\nusername = 'u'\n",
+            "providers[0].username: needs password_env or password_file",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\npassword_env = 'P'\n",
+            "providers[0].username: required when a password is configured",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\nusername = 'u'\npassword_env = 'P'\npassword_file = '/f'\n",
+            "providers[0].password_file: set password_env or password_file, not both",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\nca_file = '/nonexistent/ca.pem'\n",
+            "providers[0].ca_file: no such file",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nkind = 'maildir'\nhost = 'x'\n",
+            "providers[0].host: not used by a maildir provider",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\npath = 'M'\n",
+            "providers[0].path: only used by a maildir provider",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\n[[providers]]\nname = 'a'\nhost = 'y.example'\n",
+            "providers[1].name: duplicate provider name 'a'",
+        ),
+        ("[routing]\ndefault = ['nope']\n", "routing.default[0]: no provider named 'nope'"),
+        (
+            "[routing]\ndefault = []\n",
+            "routing.default: must be a non-empty list of provider names",
+        ),
+        ("[routing]\n", "routing.default: required when [routing] is present"),
+        ("[log]\nformat = 'json'\n", "log: unknown key"),
+        ("smtp = 3\n", "smtp: must be a table"),
+    ],
+)
+def test_errors_name_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_text(text)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_file_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[smtp\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(broken)
+
+
+def test_password_is_read_from_the_environment_when_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = parse_text(
+        "[[providers]]\nname='a'\nhost='smtp.example.com'\nusername='u'\npassword_env='MR_TEST_PW'\n"
+    )
+    monkeypatch.setenv("MR_TEST_PW", "s3cret")
+    assert config.provider("a").password() == "s3cret"
+    assert "s3cret" not in repr(config)
+
+
+def test_password_file(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    config = parse_text(
+        f"[[providers]]\nname='a'\nhost='smtp.example.com'\nusername='u'\npassword_file='{secret}'\n"
+    )
+    assert config.provider("a").password() == "from-file"
+
+
+def test_rendered_config_parses_back_to_the_same_values() -> None:
+    config = parse_text(
+        "[[providers]]\nname='ses'\nhost='email-smtp.example.com'\nport=587\n"
+        "username='AKIA'\npassword_env='MR_UNSET'\n"
+    )
+    rendered = render_config(config)
+    assert "# NOT SET in this environment" in rendered
+    again = parse(tomllib.loads(rendered))
+    assert again.providers == config.providers
+    assert again.smtp == config.smtp and again.spool == config.spool
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.255.0.9", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("localhost", True),
+        ("::1%lo", True),
+        (b"127.0.0.1", True),
+        ("10.0.0.1", False),
+        ("::ffff:10.0.0.1", False),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("example.com", False),
+        (b"\xff", False),
+    ],
+)
+def test_loopback_hosts(host: str | bytes, loopback: bool) -> None:
+    assert is_loopback_host(host) is loopback
+
+
+def test_endpoint_parsing() -> None:
+    assert parse_server_endpoint(r"tcp6:2525:interface=\:\:1").interface == "::1"
+    assert parse_server_endpoint("tcp:25").interface == "0.0.0.0"
+    assert parse_server_endpoint("unix:/run/mailrelay.sock:mode=660").interface is None
+    assert parse_server_endpoint("haproxy:tcp:2525:interface=127.0.0.1").interface == "127.0.0.1"
+    with pytest.raises(EndpointError):
+        parse_server_endpoint("carrier-pigeon:1")
