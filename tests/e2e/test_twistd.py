@@ -104,7 +104,7 @@ def test_embedded_default_captures_mail_into_maildir_byte_for_byte(tmp_path: Pat
 
 
 def test_thousand_messages_from_ten_clients_reuse_the_pool(tmp_path: Path) -> None:
-    """1000 messages from 10 concurrent clients all arrive, over no more connections than the pool."""
+    """1000 messages from 10 concurrent clients all arrive, over at most pool-size connections."""
     with UpstreamProcess(tmp_path / "upstream") as upstream:
         relay = RelayProcess.with_upstream(tmp_path, upstream.port)
         with relay:
@@ -183,10 +183,10 @@ def test_relay_tac_serves_with_config_from_environment(tmp_path: Path) -> None:
     """``twistd -ny relay.tac`` reads MAILRELAY_CONFIG and serves SMTP."""
     smtp_port, http_port = free_port(), free_port()
     config = relay_config(tmp_path / "spool", smtp_port, http_port, None)
-    with RelayProcess(tmp_path, config, smtp_port, http_port, use_tac=True) as relay:
-        with smtplib.SMTP("127.0.0.1", relay.smtp_port, local_hostname="tester", timeout=10) as c:
-            code, _ = c.noop()
-            assert code == 250
+    relay = RelayProcess(tmp_path, config, smtp_port, http_port, use_tac=True)
+    with relay, smtplib.SMTP("127.0.0.1", smtp_port, local_hostname="tester", timeout=10) as c:
+        code, _ = c.noop()
+        assert code == 250
 
 
 def test_twistd_help_lists_the_config_option() -> None:

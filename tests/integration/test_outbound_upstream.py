@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
@@ -54,7 +52,9 @@ def tricky_body() -> bytes:
 
 class OutboundAgainstRealUpstream(TestCase):
     def setUp(self) -> None:
-        self.upstream = UpstreamProcess(Path(self.mktemp()), rcpt_4xx_prefix="busy").start()
+        # UpstreamProcess makes (and removes) its own temporary directory; trial's mktemp()
+        # would write into the working directory.
+        self.upstream = UpstreamProcess(rcpt_4xx_prefix="busy").start()
         self.addCleanup(self.upstream.stop)
         self.providers: list[SMTPProvider] = []
 

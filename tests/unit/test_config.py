@@ -100,7 +100,8 @@ def test_implicit_tls_defaults_to_port_465() -> None:
             "providers[0].username: required when a password is configured",
         ),
         (
-            "[[providers]]\nname = 'a'\nhost = 'x.example'\nusername = 'u'\npassword_env = 'P'\npassword_file = '/f'\n",
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\nusername = 'u'\n"
+            "password_env = 'P'\npassword_file = '/f'\n",
             "providers[0].password_file: set password_env or password_file, not both",
         ),
         (
@@ -116,7 +117,8 @@ def test_implicit_tls_defaults_to_port_465() -> None:
             "providers[0].path: only used by a maildir provider",
         ),
         (
-            "[[providers]]\nname = 'a'\nhost = 'x.example'\n[[providers]]\nname = 'a'\nhost = 'y.example'\n",
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\n"
+            "[[providers]]\nname = 'a'\nhost = 'y.example'\n",
             "providers[1].name: duplicate provider name 'a'",
         ),
         ("[routing]\ndefault = ['nope']\n", "routing.default[0]: no provider named 'nope'"),
