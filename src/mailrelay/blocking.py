@@ -31,7 +31,7 @@ class ThreadRunner:
 
     def run(self, f: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> defer.Deferred[R]:
         result: defer.Deferred[R] = deferToThreadPool(
-            self._reactor,  # type: ignore[arg-type]
+            self._reactor,
             self._pool,
             f,
             *args,

@@ -178,8 +178,11 @@ def makeService(options: Options) -> service.MultiService:
     return _build_or_exit(_load_or_exit(options["config"]))
 
 
-def makeApplication(config_path: str | None) -> service.Application:
-    """Entry point of ``relay.tac``: ``application = makeApplication(os.environ.get(...))``."""
+def makeApplication(config_path: str | None) -> Any:
+    """Entry point of ``relay.tac``: ``application = makeApplication(os.environ.get(...))``.
+
+    Returns twistd's Application object (a componentized service; untyped upstream).
+    """
     application = service.Application("mailrelay")
     _build_or_exit(_load_or_exit(config_path)).setServiceParent(application)
     return application

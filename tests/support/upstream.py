@@ -32,6 +32,7 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -155,11 +156,30 @@ class CountingSMTP(SMTP):
         self.connection_serial = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # aiosmtpd calls this again after STARTTLS on the same TCP connection; this server
-        # never offers STARTTLS, so every call here is a new connection.
-        peer = transport.get_extra_info("peername")
-        self.connection_serial = self.recorder.connection_opened(peer)
+        # aiosmtpd calls this again after STARTTLS on the same TCP connection (same protocol
+        # object): count only the first call.
+        if self.connection_serial == 0:
+            peer = transport.get_extra_info("peername")
+            self.connection_serial = self.recorder.connection_opened(peer)
         super().connection_made(transport)
+
+
+class _Credentials:
+    """aiosmtpd authenticator accepting exactly one user name and password."""
+
+    def __init__(self, user: str, password: str) -> None:
+        self._user = user.encode()
+        self._password = password.encode()
+
+    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> Any:
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+
+        ok = (
+            isinstance(data, LoginPassword)
+            and data.login == self._user
+            and data.password == self._password
+        )
+        return AuthResult(success=ok, handled=False)
 
 
 async def serve(
@@ -168,10 +188,21 @@ async def serve(
     out: Path,
     rcpt_4xx_prefix: str | None = None,
     data_4xx_every: int | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    auth: tuple[str, str] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     recorder = Recorder(out, rcpt_4xx_prefix, data_4xx_every)
+    options: dict[str, Any] = {}
+    if tls_cert is not None and tls_key is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls_cert, tls_key)
+        options.update(tls_context=context, require_starttls=True)
+    if auth is not None:
+        # AUTH is offered only after STARTTLS when TLS is configured (aiosmtpd's default).
+        options.update(authenticator=_Credentials(*auth), auth_require_tls=tls_cert is not None)
 
     def factory() -> SMTP:
         return CountingSMTP(
@@ -180,6 +211,7 @@ async def serve(
             decode_data=False,
             hostname=SERVER_HOSTNAME,
             loop=loop,
+            **options,
         )
 
     server = await loop.create_server(factory, host=host, port=port)
@@ -210,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--reply-rcpt-4xx-prefix", metavar="S", default=None)
     parser.add_argument("--reply-data-4xx-every", metavar="N", type=_positive_int, default=None)
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM chain: offer STARTTLS")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM key for --tls-cert")
+    parser.add_argument("--auth", metavar="USER:PASSWORD", default=None, help="require AUTH")
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "::1"):
         parser.error("only loopback (127.0.0.1 or ::1) is allowed")
@@ -221,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             args.reply_rcpt_4xx_prefix,
             args.reply_data_4xx_every,
+            args.tls_cert,
+            args.tls_key,
+            tuple(args.auth.split(":", 1)) if args.auth else None,
         )
     )
     return 0
@@ -242,8 +280,13 @@ class UpstreamProcess:
         port: int = 0,
         rcpt_4xx_prefix: str | None = None,
         data_4xx_every: int | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        auth: tuple[str, str] | None = None,
         startup_timeout: float = 10.0,
     ) -> None:
+        self._tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+        self._auth = auth
         self.host = host
         self._requested_port = port
         self._rcpt_4xx_prefix = rcpt_4xx_prefix
@@ -294,6 +337,10 @@ class UpstreamProcess:
             cmd += ["--reply-rcpt-4xx-prefix", self._rcpt_4xx_prefix]
         if self._data_4xx_every is not None:
             cmd += ["--reply-data-4xx-every", str(self._data_4xx_every)]
+        if self._tls is not None:
+            cmd += ["--tls-cert", str(self._tls[0]), "--tls-key", str(self._tls[1])]
+        if self._auth is not None:
+            cmd += ["--auth", ":".join(self._auth)]
         # Output goes to a file, not a pipe: nobody reads a pipe while the tests run, and a
         # full pipe would block the server.
         with self.log_path.open("ab") as log:

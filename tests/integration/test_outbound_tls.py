@@ -1,0 +1,110 @@
+"""STARTTLS and AUTH against a real upstream: verified certificates, no plaintext fallback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import trustme
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from mailrelay.config import ProviderConfig
+from mailrelay.metrics import Metrics
+from mailrelay.outbound.pool import SMTPProvider
+from mailrelay.outbound.results import Kind, OutboundMessage
+from tests.support.upstream import UpstreamProcess
+
+pytestmark = pytest.mark.integration
+
+PASSWORD_ENV = "MAILRELAY_TEST_UPSTREAM_PASSWORD"
+SECRET = "correct horse battery staple"
+MESSAGE = OutboundMessage(
+    "Q1", "app@example.com", ("user@example.com",), b"Subject: tls\r\n\r\nhi\r\n"
+)
+
+
+class StartTLSUpstream(TestCase):
+    def setUp(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="mailrelay-tls-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.ca = trustme.CA()
+        self.ca_file = self.tmp / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+        os.environ[PASSWORD_ENV] = SECRET
+        self.addCleanup(os.environ.pop, PASSWORD_ENV, None)
+
+    def upstream(
+        self, names: tuple[str, ...] = ("127.0.0.1", "localhost"), tls: bool = True
+    ) -> UpstreamProcess:
+        options: dict[str, object] = {"auth": ("relay", SECRET)}
+        if tls:
+            cert = self.ca.issue_cert(*names)
+            chain, key = self.tmp / f"chain-{len(names)}.pem", self.tmp / f"key-{len(names)}.pem"
+            cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
+            cert.private_key_pem.write_to_path(str(key))
+            options.update(tls_cert=chain, tls_key=key)
+        upstream = UpstreamProcess(self.tmp / f"upstream-{len(names)}-{tls}", **options).start()  # type: ignore[arg-type]
+        self.addCleanup(upstream.stop)
+        return upstream
+
+    def provider(self, port: int, ca_file: Path, password_env: str = PASSWORD_ENV) -> SMTPProvider:
+        config = ProviderConfig(
+            name="tls",
+            kind="smtp",
+            host="127.0.0.1",
+            port=port,
+            tls="starttls",
+            ca_file=str(ca_file),
+            username="relay",
+            password_env=password_env,
+            helo="relay.test",
+            connect_timeout=5,
+        )
+        provider = SMTPProvider(config, reactor, Metrics())
+        self.addCleanup(provider.close)
+        return provider
+
+    async def test_verified_starttls_and_auth_deliver(self) -> None:
+        upstream = self.upstream()
+        (result,) = await self.provider(upstream.port, self.ca_file).deliver(MESSAGE)
+        assert result.kind is Kind.DELIVERED, result.reply
+        (stored,) = upstream.messages()
+        assert stored["body"] == MESSAGE.body
+
+    async def test_untrusted_certificate_is_a_temporary_failure(self) -> None:
+        upstream = self.upstream()
+        other_ca = self.tmp / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(other_ca))
+        (result,) = await self.provider(upstream.port, other_ca).deliver(MESSAGE)
+        assert result.kind is Kind.TEMPORARY
+        assert "tls" in result.reply
+        assert upstream.messages() == []
+
+    async def test_wrong_name_certificate_is_a_temporary_failure(self) -> None:
+        upstream = self.upstream(names=("mail.example.com",))
+        (result,) = await self.provider(upstream.port, self.ca_file).deliver(MESSAGE)
+        assert result.kind is Kind.TEMPORARY
+        assert "tls" in result.reply
+        assert upstream.messages() == []
+
+    async def test_no_starttls_offered_never_falls_back_to_plaintext(self) -> None:
+        upstream = self.upstream(tls=False)
+        (result,) = await self.provider(upstream.port, self.ca_file).deliver(MESSAGE)
+        assert result.kind is Kind.TEMPORARY
+        assert "tls" in result.reply
+        assert upstream.messages() == []
+
+    async def test_rejected_credentials_fail_without_leaking_the_secret(self) -> None:
+        upstream = self.upstream()
+        os.environ["MAILRELAY_TEST_WRONG_PASSWORD"] = "not-the-" + SECRET
+        self.addCleanup(os.environ.pop, "MAILRELAY_TEST_WRONG_PASSWORD", None)
+        provider = self.provider(upstream.port, self.ca_file, "MAILRELAY_TEST_WRONG_PASSWORD")
+        (result,) = await provider.deliver(MESSAGE)
+        assert result.kind is Kind.TEMPORARY
+        assert "auth" in result.reply
+        assert SECRET not in result.reply
+        assert upstream.messages() == []
