@@ -61,6 +61,23 @@ def _has_bad_octets(line: bytes) -> bool:
     return b"\r" in line or b"\n" in line or b"\x00" in line
 
 
+def _twisted_address(mailbox: str) -> smtp.Address:
+    """``mailbox`` as an ``smtp.Address`` for the IMessageDelivery hooks, without re-parsing it.
+
+    Twisted's parser raises on forms that mailrelay.address accepts (the address literal in
+    ``a@[127.0.0.1]``, quoted pairs); raised inside do_MAIL/do_RCPT, that escaped dataReceived
+    and dropped the connection. The mailbox is already checked, so only its parts are filled in.
+    """
+    local, at, domain = mailbox.rpartition("@")
+    if not at:  # the null sender "" or a bare "Postmaster"
+        local, domain = mailbox, ""
+    address = smtp.Address(b"")
+    address.addrstr = mailbox.encode("ascii")
+    address.local = local.encode("ascii")
+    address.domain = domain.encode("ascii")
+    return address
+
+
 class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
     log = Logger()
 
@@ -129,6 +146,10 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
         self.transport.loseConnection()
 
     def _reply(self, code: int, status: str | None, text: str) -> None:
+        if self._mode is _Mode.CLOSED:
+            # Nothing after the 421/221: a commit finishing late would put a stray 250 behind it
+            # (a TCP transport still sends what is written between loseConnection and the close).
+            return
         line = f"{code} {status} {text}" if status else f"{code} {text}"
         self.transport.write(line.encode("ascii", "replace") + b"\r\n")
 
@@ -157,7 +178,8 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
             elif self._mode is _Mode.COMMAND:
                 eol = self._buffer.find(b"\r\n")
                 if eol < 0:
-                    if len(self._buffer) > COMMAND_LINE_MAX - 2:
+                    # 511 octets may still be a 510-octet line plus the CR of its CRLF.
+                    if len(self._buffer) > COMMAND_LINE_MAX - 1:
                         self._line_too_long()
                     return
                 if eol > COMMAND_LINE_MAX - 2:
@@ -202,10 +224,14 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
             return  # already answered synchronously; nothing to hold
         self._waiting = True
         self.transport.pauseProducing()
+        # The client is waiting for us, not idle: no idle 421 in the middle of our own fsync.
+        # The session deadline still applies.
+        self.setTimeout(None)
 
         def resume(_: object) -> None:
             self._waiting = False
             if self._mode is not _Mode.CLOSED:
+                self.setTimeout(self._config.idle_timeout)
                 self.transport.resumeProducing()
                 self._process_input()
 
@@ -256,7 +282,7 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
             self._error_reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
             return
         d = defer.maybeDeferred(
-            self.delivery.validateFrom, self._helo, smtp.Address(mail.sender or "<>")
+            self.delivery.validateFrom, self._helo, _twisted_address(mail.sender)
         )
 
         def accepted(_: object) -> None:
@@ -280,10 +306,10 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
             self._error_reply(452, "4.5.3", "Too many recipients")
             return
         user = smtp.User(
-            rcpt.recipient.encode("ascii"),
+            _twisted_address(rcpt.recipient),
             self._helo,
             self,
-            smtp.Address(self._mail.sender or "<>"),
+            _twisted_address(self._mail.sender),
         )
         d = defer.maybeDeferred(self.delivery.validateTo, user)
 

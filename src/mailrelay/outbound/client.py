@@ -23,7 +23,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IReactorTime, ITCPTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
@@ -120,13 +120,30 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         self.setTimeout(self.provider.command_timeout)
         super().esmtpState_ehlo(code, resp)
 
+    def lineReceived(self, line: bytes) -> Any:
+        if self._state is _State.CLOSED:
+            # The session failed and the transport was aborted, but a TCP transport does not
+            # set ``disconnecting`` on abort, so LineReceiver goes on parsing the rest of the
+            # chunk: such lines (e.g. an injected second "220" after STARTTLS) must not drive
+            # the state machine any further.
+            return None
+        return super().lineReceived(line)
+
     def esmtpState_starttls(self, code: int, resp: bytes) -> None:
         if self._buffer:
             # Anything after "220 ready for TLS" was sent in clear text and would be read as
             # if it came over TLS (a STARTTLS injection): give up on this connection.
             self._session_failed("tls", "data injected after the STARTTLS reply")
             return
-        super().esmtpState_starttls(code, resp)
+        # Not the stock step: when startTLS raises, it logs, fails, and still sends EHLO.
+        try:
+            # Adapting fails (TypeError) for a transport that cannot do TLS at all.
+            ITLSTransport(self.transport).startTLS(self.context)
+        except Exception as e:
+            self._session_failed("tls", f"cannot start TLS: {type(e).__name__}")
+            return
+        self._tlsMode = True
+        self.esmtpState_ehlo(code, resp)
 
     def authenticate(self, code: int, resp: bytes, items: dict[bytes, bytes | None]) -> None:
         """Called by ESMTPClient once TLS is settled; we take over from here."""

@@ -185,8 +185,8 @@ def decode_envelope(data: bytes) -> Envelope:
 
 def decode_journal(data: bytes) -> list[Outcome]:
     """Every outcome fully written; a torn tail (crash mid-append) is dropped, not an error."""
-    if not data:
-        return []
+    if JOURNAL_MAGIC.startswith(data):
+        return []  # empty, or the first append was torn inside the magic line
     outcomes: list[Outcome] = []
     try:
         for tag, payload, _end in iter_records(data, JOURNAL_MAGIC):
@@ -194,6 +194,24 @@ def decode_journal(data: bytes) -> list[Outcome]:
                 raise CorruptSpoolFile(f"unexpected journal record {tag!r}")
             outcomes.append(Outcome.from_json(payload))
     except CorruptSpoolFile as e:
-        if "truncated" not in str(e) or not data.startswith(JOURNAL_MAGIC):
+        if not _is_torn_tail(e, data):
             raise
     return outcomes
+
+
+def journal_end(data: bytes) -> int:
+    """Where the next journal record belongs: after the last whole one, so a torn tail is
+    cut off. Other damage is left in place (the whole length) for decode_journal to report."""
+    if JOURNAL_MAGIC.startswith(data):
+        return 0
+    end = len(JOURNAL_MAGIC)
+    try:
+        for _tag, _payload, record_end in iter_records(data, JOURNAL_MAGIC):
+            end = record_end
+    except CorruptSpoolFile as e:
+        return end if _is_torn_tail(e, data) else len(data)
+    return end
+
+
+def _is_torn_tail(error: CorruptSpoolFile, data: bytes) -> bool:
+    return "truncated" in str(error) and data.startswith(JOURNAL_MAGIC)

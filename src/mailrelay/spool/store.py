@@ -38,6 +38,7 @@ from mailrelay.spool.format import (
     decode_journal,
     decode_message,
     end_record,
+    journal_end,
     record,
 )
 
@@ -119,9 +120,16 @@ class Spool:
 
     def _append_journal(self, queue_id: str, payload: bytes) -> None:
         path = self.queue / (queue_id + JOURNAL_SUFFIX)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            if os.fstat(fd).st_size == 0:
+            size = os.fstat(fd).st_size
+            if size and (end := journal_end(os.pread(fd, size, 0))) < size:
+                # A torn tail from a crash mid-append: cut it off first, or the records
+                # appended now would be read as part of it (a checksum error that would
+                # send the whole message to corrupt/).
+                os.ftruncate(fd, end)
+                size = end
+            if size == 0:
                 payload = JOURNAL_MAGIC + payload
                 created = True
             else:

@@ -1,0 +1,587 @@
+"""RelayClient over a StringTransport: one persistent ESMTP session, driven reply by reply."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+from twisted.internet import error
+from twisted.internet.task import Clock
+
+from mailrelay.outbound.client import RelayClient, SessionError
+from mailrelay.outbound.payload import build_data_payload
+from mailrelay.outbound.results import Kind, OutboundMessage, RecipientResult
+from tests.unit.fakes import (
+    EHLO_PIPELINING,
+    EHLO_PLAIN,
+    TIMEOUTS,
+    LogCapture,
+    RecordingTransport,
+    TCPLikeTLSTransport,
+    TLSTransport,
+    Upstream,
+    failure_of,
+    has_fired,
+    message,
+    provider_config,
+    result_of,
+)
+
+A, B, C = "a@example.test", "b@example.test", "c@example.test"
+PASSWORD = "s3cret-Pa55word"
+TLS_CONTEXT = object()  # stands in for the IOpenSSLClientConnectionCreator
+
+
+class Session:
+    """A client, its clock and the upstream end of its connection."""
+
+    def __init__(
+        self,
+        transport: RecordingTransport | None = None,
+        password: str | None = None,
+        tls_options: Any = None,
+        **config: Any,
+    ) -> None:
+        self.clock = Clock()
+        self.config = provider_config(**config)
+        self.client = RelayClient(self.config, self.clock, tls_options, password)
+        self.up = Upstream.connect(self.client, transport)
+
+    def set_up(self, ehlo: bytes = EHLO_PIPELINING) -> None:
+        """Greeting and EHLO; the session must be ready afterwards."""
+        self.up.reply(b"220 upstream.test ESMTP\r\n")
+        assert self.up.take() == b"EHLO relay.test\r\n"
+        self.up.reply(ehlo)
+        assert result_of(self.client.ready) is self.client
+        assert self.client.is_ready
+        self.up.take()
+
+    def session_error(self) -> SessionError:
+        """The SessionError that ``ready`` failed with (call once per test)."""
+        exc = failure_of(self.client.ready).value
+        assert isinstance(exc, SessionError), exc
+        return exc
+
+
+def ready_session(ehlo: bytes = EHLO_PIPELINING, **config: Any) -> Session:
+    s = Session(**config)
+    s.set_up(ehlo)
+    return s
+
+
+def by_recipient(results: list[RecipientResult]) -> dict[str, RecipientResult]:
+    return {r.recipient: r for r in results}
+
+
+# -- setup ------------------------------------------------------------------------------------
+
+
+def test_greeting_gets_ehlo_with_the_configured_helo_name() -> None:
+    s = Session(helo="relay.example.org")
+    assert s.up.take() == b""  # nothing before the greeting
+    s.up.reply(b"220 upstream.test ESMTP\r\n")
+    assert s.up.take() == b"EHLO relay.example.org\r\n"
+    assert not has_fired(s.client.ready)
+
+
+def test_tcp_nodelay_is_requested_on_connect() -> None:
+    """Nagle + delayed ACK cost ~45 ms per message (pitfall 17)."""
+    s = Session()
+    assert s.up.transport.no_delay is True
+
+
+def test_ready_fires_after_ehlo_and_the_session_idles() -> None:
+    s = ready_session()
+    assert s.up.take() == b""  # no MAIL, no QUIT: waits for the pool
+    assert s.client.messages_sent == 0
+
+
+@pytest.mark.parametrize(
+    "greeting",
+    [
+        b"421 4.3.2 busy, try later\r\n",
+        b"554 5.7.1 go away\r\n",
+        b"450 not now\r\n",
+    ],
+)
+def test_refusing_greeting_fails_setup_at_greeting(greeting: bytes) -> None:
+    s = Session()
+    s.up.reply(greeting)
+    exc = s.session_error()
+    assert exc.stage == "greeting"
+    assert greeting[:3].decode() in exc.detail
+    assert s.up.aborted
+    assert b"EHLO" not in s.up.take()
+
+
+def test_ehlo_rejected_fails_setup_without_helo_fallback() -> None:
+    s = Session()
+    s.up.reply(b"220 hi\r\n")
+    s.up.take()
+    s.up.reply(b"502 5.5.1 no EHLO here\r\n")
+    assert s.session_error().stage == "greeting"
+    assert b"HELO" not in s.up.take()
+
+
+def test_connection_lost_during_setup_fails_ready_at_connect() -> None:
+    s = Session()
+    s.up.reply(b"220 hi\r\n")
+    s.up.lose(error.ConnectionLost())
+    exc = s.session_error()
+    assert exc.stage == "connect"
+
+
+# -- timeouts ---------------------------------------------------------------------------------
+
+
+def test_greeting_timeout() -> None:
+    s = Session()
+    s.clock.advance(TIMEOUTS["greeting_timeout"] - 0.1)
+    assert not has_fired(s.client.ready)
+    s.clock.advance(0.2)
+    assert s.session_error().stage == "timeout"
+    assert s.up.aborted
+
+
+def test_command_timeout_during_ehlo() -> None:
+    """After the greeting the command timeout applies, not the (shorter) greeting one."""
+    s = Session()
+    s.clock.advance(TIMEOUTS["greeting_timeout"] - 1)
+    s.up.reply(b"220 hi\r\n")
+    s.clock.advance(TIMEOUTS["command_timeout"] - 0.1)
+    assert not has_fired(s.client.ready)
+    s.clock.advance(0.2)
+    assert s.session_error().stage == "timeout"
+    assert s.up.aborted
+
+
+def test_no_timer_left_after_a_failed_setup() -> None:
+    s = Session()
+    s.up.reply(b"421 bye\r\n")
+    failure_of(s.client.ready)
+    assert s.clock.getDelayedCalls() == []
+
+
+def test_idle_timeout_when_ready_sends_quit() -> None:
+    s = ready_session()
+    s.clock.advance(TIMEOUTS["idle_timeout"] - 0.1)
+    assert s.up.take() == b""
+    s.clock.advance(0.2)
+    assert s.up.take() == b"QUIT\r\n"
+    assert not s.client.is_ready
+    s.up.reply(b"221 bye\r\n")
+    assert s.up.closing
+
+
+def test_quit_without_an_answer_is_aborted_after_the_command_timeout() -> None:
+    s = ready_session()
+    s.client.quit()
+    assert s.up.take() == b"QUIT\r\n"
+    s.clock.advance(TIMEOUTS["command_timeout"] + 0.1)
+    assert s.up.aborted
+
+
+def test_command_timeout_during_a_transaction_is_temporary_and_certain() -> None:
+    s = ready_session()
+    d = s.client.send(message(A))
+    s.clock.advance(TIMEOUTS["command_timeout"] - 0.1)
+    assert not has_fired(d)
+    s.clock.advance(0.2)
+    [r] = result_of(d)
+    assert r.kind is Kind.TEMPORARY
+    assert r.uncertain is False
+    assert "timeout" in r.reply
+    assert s.up.aborted
+
+
+def test_final_timeout_after_the_payload_is_temporary_and_uncertain() -> None:
+    """No reply to the final dot: the upstream may have the message (a possible duplicate)."""
+    s = ready_session()
+    d = s.client.send(message(A))
+    s.up.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    # The final timeout, longer than the command timeout, now applies.
+    s.clock.advance(TIMEOUTS["command_timeout"] + 1)
+    assert not has_fired(d)
+    s.clock.advance(TIMEOUTS["final_timeout"] - TIMEOUTS["command_timeout"])
+    [r] = result_of(d)
+    assert (r.kind, r.uncertain) == (Kind.TEMPORARY, True)
+    assert s.up.aborted
+
+
+# -- transactions with PIPELINING -------------------------------------------------------------
+
+
+def test_pipelined_mail_rcpts_data_go_in_one_write_then_the_payload_in_one_write() -> None:
+    s = ready_session()
+    msg = message(A, B, body=b".dot first\r\nline\r\n")
+    d = s.client.send(msg)
+    size = len(msg.body)
+    assert s.up.transport.writes == [
+        b"MAIL FROM:<sender@example.test> SIZE=%d\r\n" % size
+        + b"RCPT TO:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n"
+    ]
+    s.up.take()
+    s.up.reply(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.1.5 ok\r\n")
+    assert s.up.take() == b""  # nothing before the 354
+    s.up.reply(b"354 go ahead\r\n")
+    assert s.up.transport.writes == [build_data_payload(msg.body)]
+    assert s.up.take() == b"..dot first\r\nline\r\n.\r\n"
+    assert not has_fired(d)
+    s.up.reply(b"250 2.0.0 Ok: queued as 4AB12\r\n")
+    results = result_of(d)
+    assert [r.recipient for r in results] == [A, B]
+    assert all(r.kind is Kind.DELIVERED for r in results)
+    assert all(r.reply == "250 2.0.0 Ok: queued as 4AB12" for r in results)
+    assert all(not r.uncertain for r in results)
+    # Still connected, ready for the next message without RSET or QUIT.
+    assert s.up.take() == b""
+    assert s.client.is_ready
+    assert s.client.messages_sent == 1
+
+
+def test_8bit_body_is_announced_when_the_server_offers_8bitmime() -> None:
+    s = ready_session()
+    msg = OutboundMessage("Q", "s@example.test", (A,), b"caf\xc3\xa9\r\n", body_8bit=True)
+    s.client.send(msg)
+    assert s.up.take().startswith(b"MAIL FROM:<s@example.test> SIZE=7 BODY=8BITMIME\r\n")
+
+
+@pytest.mark.parametrize(
+    ("rcpt_reply", "kind"),
+    [
+        (b"550 5.1.1 <b@example.test>: no such user", Kind.PERMANENT),
+        (b"451 4.7.1 greylisted, try again", Kind.TEMPORARY),
+        (b"452 4.5.3 too many recipients", Kind.TEMPORARY),
+    ],
+)
+def test_one_rcpt_refused_others_delivered(rcpt_reply: bytes, kind: Kind) -> None:
+    s = ready_session()
+    d = s.client.send(message(A, B, C))
+    s.up.take()
+    s.up.reply(b"250 ok\r\n250 ok\r\n" + rcpt_reply + b"\r\n250 ok\r\n354 go\r\n")
+    assert s.up.take().endswith(b"\r\n.\r\n")
+    s.up.reply(b"250 2.0.0 Ok: queued as XYZ\r\n")
+    results = by_recipient(result_of(d))
+    assert results[B].kind is kind
+    assert results[B].reply == rcpt_reply.decode()
+    for r in (A, C):
+        assert results[r].kind is Kind.DELIVERED
+        assert results[r].reply == "250 2.0.0 Ok: queued as XYZ"
+
+
+def test_final_5xx_fails_the_accepted_recipients_permanently_and_resets() -> None:
+    s = ready_session()
+    d = s.client.send(message(A, B))
+    s.up.reply(b"250 ok\r\n250 ok\r\n550 5.1.1 nope\r\n354 go\r\n")
+    s.up.take()
+    s.up.reply(b"554 5.6.0 content rejected\r\n")
+    results = by_recipient(result_of(d))
+    assert results[A] == RecipientResult(A, Kind.PERMANENT, "554 5.6.0 content rejected")
+    assert results[B] == RecipientResult(B, Kind.PERMANENT, "550 5.1.1 nope")
+    assert s.up.take() == b"RSET\r\n"
+    assert not s.client.is_ready
+    s.up.reply(b"250 ok\r\n")
+    assert s.client.is_ready
+
+
+def test_final_4xx_is_temporary_for_the_accepted_recipients() -> None:
+    s = ready_session()
+    d = s.client.send(message(A))
+    s.up.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    s.up.reply(b"451 4.3.0 local error\r\n")
+    [r] = result_of(d)
+    assert (r.kind, r.reply, r.uncertain) == (Kind.TEMPORARY, "451 4.3.0 local error", False)
+
+
+def test_mail_451_makes_every_recipient_temporary_and_rsets_before_reuse() -> None:
+    s = ready_session()
+    on_ready: list[RelayClient] = []
+    s.client.on_ready = on_ready.append
+    d = s.client.send(message(A, B))
+    s.up.take()
+    s.up.reply(b"451 4.3.0 sender check failed\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n")
+    assert not has_fired(d)
+    s.up.reply(b"554 5.5.1 no valid recipients\r\n")
+    results = result_of(d)
+    assert [r.kind for r in results] == [Kind.TEMPORARY, Kind.TEMPORARY]
+    assert all(r.reply == "451 4.3.0 sender check failed" for r in results)
+    assert s.up.take() == b"RSET\r\n"
+    assert not s.client.is_ready and on_ready == []
+    s.up.reply(b"250 2.0.0 reset\r\n")
+    assert s.client.is_ready
+    assert on_ready == [s.client]
+
+
+def test_rset_refused_makes_the_client_quit() -> None:
+    s = ready_session()
+    d = s.client.send(message(A))
+    s.up.take()
+    s.up.reply(b"550 5.7.1 sender refused\r\n503 no\r\n503 no\r\n")
+    result_of(d)
+    assert s.up.take() == b"RSET\r\n"
+    s.up.reply(b"421 4.3.0 closing\r\n")
+    assert s.up.take() == b"QUIT\r\n"
+    assert not s.client.is_ready
+
+
+def test_pipelined_all_rcpts_refused_and_server_opens_data_gets_an_empty_message() -> None:
+    """RFC 2920: a server may answer 354 although no RCPT was accepted; never send the body."""
+    s = ready_session()
+    d = s.client.send(message(A, body=b"secret body\r\n"))
+    s.up.take()
+    s.up.reply(b"250 ok\r\n550 5.1.1 no\r\n354 go\r\n")
+    assert s.up.take() == b".\r\n"
+    s.up.reply(b"554 no valid recipients\r\n")
+    [r] = result_of(d)
+    assert (r.kind, r.reply) == (Kind.PERMANENT, "550 5.1.1 no")
+    assert s.up.take() == b"RSET\r\n"
+
+
+def test_connection_lost_after_the_payload_is_uncertain() -> None:
+    s = ready_session()
+    d = s.client.send(message(A, B))
+    s.up.reply(b"250 ok\r\n250 ok\r\n550 no\r\n354 go\r\n")
+    s.up.lose(error.ConnectionLost())
+    results = by_recipient(result_of(d))
+    assert (results[A].kind, results[A].uncertain) == (Kind.TEMPORARY, True)
+    # B was refused before DATA: its answer stands and it is not "maybe delivered".
+    assert (results[B].kind, results[B].uncertain) == (Kind.PERMANENT, False)
+
+
+@pytest.mark.parametrize(
+    "replies_before_loss",
+    [b"", b"250 ok\r\n", b"250 ok\r\n250 ok\r\n"],
+    ids=["before-mail-reply", "after-mail", "after-rcpt"],
+)
+def test_connection_lost_before_data_is_temporary_and_certain(replies_before_loss: bytes) -> None:
+    s = ready_session()
+    closed: list[RelayClient] = []
+    s.client.on_closed = closed.append
+    d = s.client.send(message(A))
+    s.up.reply(replies_before_loss)
+    s.up.lose(error.ConnectionLost())
+    [r] = result_of(d)
+    assert (r.kind, r.uncertain) == (Kind.TEMPORARY, False)
+    assert "connection lost" in r.reply
+    assert closed == [s.client]
+    assert not s.client.is_ready
+
+
+def test_a_reply_while_idle_is_ignored() -> None:
+    """Nothing is pending, so there is nothing to answer; the server closes if it means to."""
+    s = ready_session()
+    d = s.client.send(message(A))
+    s.up.reply(b"250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n")
+    result_of(d)
+    s.up.take()
+    s.up.reply(b"250 unsolicited\r\n")
+    assert s.up.take() == b""
+    assert s.client.is_ready
+
+
+# -- transactions without PIPELINING ----------------------------------------------------------
+
+
+def test_without_pipelining_commands_go_one_at_a_time() -> None:
+    s = ready_session(EHLO_PLAIN)
+    d = s.client.send(message(A, B))
+    assert s.up.take() == b"MAIL FROM:<sender@example.test>\r\n"
+    s.up.reply(b"250 ok\r\n")
+    assert s.up.take() == b"RCPT TO:<a@example.test>\r\n"
+    s.up.reply(b"250 ok\r\n")
+    assert s.up.take() == b"RCPT TO:<b@example.test>\r\n"
+    s.up.reply(b"250 ok\r\n")
+    assert s.up.take() == b"DATA\r\n"
+    s.up.reply(b"354 go\r\n")
+    assert s.up.transport.writes == [b"Subject: hi\r\n\r\nhello\r\n.\r\n"]
+    s.up.take()
+    s.up.reply(b"250 queued\r\n")
+    assert [r.kind for r in result_of(d)] == [Kind.DELIVERED, Kind.DELIVERED]
+
+
+def test_without_pipelining_all_rcpts_rejected_sends_no_data() -> None:
+    s = ready_session(EHLO_PLAIN)
+    d = s.client.send(message(A, B))
+    s.up.reply(b"250 ok\r\n")
+    s.up.reply(b"550 5.1.1 no A\r\n")
+    s.up.reply(b"450 4.2.1 B mailbox busy\r\n")
+    assert b"DATA" not in s.up.take().replace(b"RSET\r\n", b"")
+    results = by_recipient(result_of(d))
+    assert (results[A].kind, results[A].reply) == (Kind.PERMANENT, "550 5.1.1 no A")
+    assert (results[B].kind, results[B].reply) == (Kind.TEMPORARY, "450 4.2.1 B mailbox busy")
+
+
+def test_without_pipelining_mail_refused_sends_no_rcpt() -> None:
+    s = ready_session(EHLO_PLAIN)
+    d = s.client.send(message(A, B))
+    s.up.take()
+    s.up.reply(b"451 4.3.0 try later\r\n")
+    assert s.up.take() == b"RSET\r\n"
+    results = result_of(d)
+    assert [(r.kind, r.reply) for r in results] == [(Kind.TEMPORARY, "451 4.3.0 try later")] * 2
+
+
+# -- AUTH -------------------------------------------------------------------------------------
+
+EHLO_AUTH = b"250-upstream.test\r\n250-PIPELINING\r\n250 AUTH LOGIN PLAIN\r\n"
+
+
+def _auth_session() -> Session:
+    s = Session(username="user@example.test", password=PASSWORD, host="127.0.0.1")
+    s.up.reply(b"220 hi\r\n")
+    s.up.take()
+    return s
+
+
+def test_auth_plain_is_sent_once_with_the_credentials_and_then_ready() -> None:
+    s = _auth_session()
+    s.up.reply(EHLO_AUTH)
+    token = base64.b64encode(b"\0user@example.test\0" + PASSWORD.encode())
+    assert s.up.take() == b"AUTH PLAIN " + token + b"\r\n"
+    assert not has_fired(s.client.ready)
+    s.up.reply(b"235 2.7.0 ok\r\n")
+    assert result_of(s.client.ready) is s.client
+
+
+def test_auth_rejected_fails_setup_once_and_never_leaks_the_password() -> None:
+    """535: one AUTH line only (pitfall 24); the secret in no error or log (pitfall 23)."""
+    token = base64.b64encode(b"\0user@example.test\0" + PASSWORD.encode()).decode()
+    with LogCapture() as logs:
+        s = _auth_session()
+        s.up.reply(EHLO_AUTH)
+        s.up.reply(b"535 5.7.8 authentication failed\r\n")
+        exc = s.session_error()
+    written = s.up.take()
+    assert written.count(b"AUTH") == 1
+    assert exc.stage == "auth"
+    assert s.up.aborted
+    for text in [str(exc), repr(exc), exc.detail, *logs.texts()]:
+        assert PASSWORD not in text
+        assert token not in text
+
+
+def test_auth_without_plain_mechanism_fails_setup_without_sending_credentials() -> None:
+    s = _auth_session()
+    s.up.reply(b"250-upstream.test\r\n250 AUTH CRAM-MD5\r\n")
+    assert s.session_error().stage == "auth"
+    assert b"AUTH" not in s.up.take()
+
+
+def test_auth_required_but_not_offered_fails_setup() -> None:
+    s = _auth_session()
+    s.up.reply(EHLO_PLAIN)
+    assert s.session_error().stage == "auth"
+    assert s.up.take() == b""
+
+
+def test_auth_is_refused_in_clear_text_to_a_remote_host() -> None:
+    """Config forbids it; the client refuses as well (pitfall 22)."""
+    s = Session(username="user", password=PASSWORD, host="192.0.2.1")
+    s.up.reply(b"220 hi\r\n")
+    s.up.take()
+    s.up.reply(EHLO_AUTH)
+    assert s.session_error().stage == "auth"
+    assert s.up.take() == b""
+
+
+# -- STARTTLS ---------------------------------------------------------------------------------
+
+EHLO_STARTTLS = b"250-upstream.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+
+
+def _starttls_session(
+    transport: RecordingTransport | None = None, password: str | None = None, **config: Any
+) -> Session:
+    s = Session(
+        transport=transport or TLSTransport(),
+        password=password,
+        tls="starttls",
+        tls_options=TLS_CONTEXT,
+        **config,
+    )
+    s.up.reply(b"220 hi\r\n")
+    s.up.take()
+    s.up.reply(EHLO_STARTTLS)
+    assert s.up.take() == b"STARTTLS\r\n"
+    return s
+
+
+def test_starttls_then_ehlo_again_then_ready() -> None:
+    s = _starttls_session()
+    s.up.reply(b"220 2.0.0 ready for TLS\r\n")
+    assert s.up.transport.tls_started_with == [TLS_CONTEXT]
+    assert s.up.take() == b"EHLO relay.test\r\n"
+    s.up.reply(b"250-upstream.test\r\n250 PIPELINING\r\n")
+    assert result_of(s.client.ready) is s.client
+
+
+def test_starttls_then_auth_over_tls_to_a_remote_host() -> None:
+    s = _starttls_session(username="user", host="192.0.2.1", password=PASSWORD)
+    s.up.reply(b"220 ready\r\n")
+    s.up.take()
+    s.up.reply(EHLO_AUTH)
+    assert s.up.take().startswith(b"AUTH PLAIN ")
+
+
+@pytest.mark.parametrize(
+    "injected",
+    [b"250 injected\r\n", b"MAIL FROM:<x>\r\n", b"220 again\r\n", b"partial line"],
+)
+def test_bytes_after_starttls_ready_abort_the_session(injected: bytes) -> None:
+    """Bytes sent in clear after '220 ready' must not be read as TLS data (pitfall 26)."""
+    s = _starttls_session()
+    s.up.reply(b"220 2.0.0 ready for TLS\r\n" + injected)
+    assert s.session_error().stage == "tls"
+    assert s.up.aborted
+    assert s.up.transport.tls_started_with == []
+    assert s.up.take() == b""
+
+
+@pytest.mark.parametrize(
+    "injected",
+    [
+        b"220 again\r\n",
+        b"220 again\r\n250 AUTH PLAIN\r\n",
+        b"220 again\r\n250 ok\r\n235 ok\r\n",
+    ],
+)
+def test_injected_lines_are_not_acted_on_over_a_tcp_transport(injected: bytes) -> None:
+    """A TCP transport keeps ``disconnecting`` False on abort, so LineReceiver goes on
+    parsing the chunk: the client must ignore every line after it failed the session
+    (no TLS on a dead connection, no EHLO, never the credentials)."""
+    s = _starttls_session(
+        TCPLikeTLSTransport(), username="user", host="192.0.2.1", password=PASSWORD
+    )
+    s.up.reply(b"220 2.0.0 ready for TLS\r\n" + injected)
+    assert s.session_error().stage == "tls"
+    assert s.up.aborted
+    assert s.up.transport.tls_started_with == []
+    assert s.up.take() == b""
+
+
+def test_starttls_not_offered_fails_at_tls_and_never_continues_in_clear() -> None:
+    s = Session(transport=TLSTransport(), tls="starttls", tls_options=TLS_CONTEXT)
+    s.up.reply(b"220 hi\r\n")
+    s.up.take()
+    s.up.reply(EHLO_PIPELINING)
+    assert s.session_error().stage == "tls"
+    assert s.up.take() == b""
+    assert s.up.aborted
+
+
+def test_starttls_refused_fails_at_tls() -> None:
+    s = _starttls_session()
+    s.up.reply(b"454 4.7.0 TLS not available\r\n")
+    assert s.session_error().stage == "tls"
+    assert s.up.transport.tls_started_with == []
+    assert s.up.take() == b""
+
+
+def test_starttls_that_cannot_start_fails_at_tls_without_another_ehlo() -> None:
+    """A transport without startTLS: the stock client logs it and sends EHLO anyway."""
+    s = _starttls_session(RecordingTransport())
+    s.up.reply(b"220 ready\r\n")
+    assert s.session_error().stage == "tls"
+    assert s.up.aborted
+    assert s.up.take() == b""

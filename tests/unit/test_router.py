@@ -1,0 +1,116 @@
+"""Router: failover along a chain of providers, recipient by recipient."""
+
+from __future__ import annotations
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from mailrelay.outbound.results import IProvider, Kind, RecipientResult
+from mailrelay.outbound.router import RoutedResult, Router
+from tests.unit.fakes import (
+    FakeProvider,
+    answer_all,
+    answer_by_recipient,
+    has_fired,
+    message,
+    result_of,
+)
+
+A, B, C = "a@example.test", "b@example.test", "c@example.test"
+
+
+def summary(routed: list[RoutedResult]) -> list[tuple[str, Kind, str]]:
+    return [(r.result.recipient, r.result.kind, r.provider) for r in routed]
+
+
+def test_fake_provider_provides_iprovider() -> None:
+    assert verifyObject(IProvider, FakeProvider("p"))
+
+
+def test_empty_chain_is_refused() -> None:
+    with pytest.raises(ValueError):
+        Router([])
+
+
+def test_first_provider_delivers_and_the_rest_are_not_asked() -> None:
+    p1, p2 = FakeProvider("p1"), FakeProvider("p2")
+    routed = result_of(Router([p1, p2]).deliver(message(A, B)))
+    assert summary(routed) == [(A, Kind.DELIVERED, "p1"), (B, Kind.DELIVERED, "p1")]
+    assert p2.delivered == []
+
+
+def test_temporary_on_the_first_provider_moves_the_message_to_the_second() -> None:
+    p1 = FakeProvider("p1", answer_all(Kind.TEMPORARY, "421 4.3.2 p1 down"))
+    p2 = FakeProvider("p2", answer_all(Kind.DELIVERED, "250 2.0.0 queued at p2"))
+    msg = message(A, B)
+    routed = result_of(Router([p1, p2]).deliver(msg))
+    assert [m.recipients for m in p2.delivered] == [(A, B)]
+    assert p2.delivered[0].body == msg.body and p2.delivered[0].sender == msg.sender
+    assert [(r.result.reply, r.provider) for r in routed] == [("250 2.0.0 queued at p2", "p2")] * 2
+
+
+def test_permanent_failure_is_never_retried_on_the_next_provider() -> None:
+    p1 = FakeProvider("p1", answer_all(Kind.PERMANENT, "550 5.1.1 unknown user"))
+    p2 = FakeProvider("p2")
+    routed = result_of(Router([p1, p2]).deliver(message(A)))
+    assert summary(routed) == [(A, Kind.PERMANENT, "p1")]
+    assert routed[0].result.reply == "550 5.1.1 unknown user"
+    assert p2.delivered == []
+
+
+def test_partial_result_sends_only_the_unsettled_recipients_on() -> None:
+    p1 = FakeProvider("p1", answer_by_recipient({A: Kind.DELIVERED, B: Kind.TEMPORARY}))
+    p2 = FakeProvider("p2")
+    routed = result_of(Router([p1, p2]).deliver(message(A, B)))
+    assert [m.recipients for m in p2.delivered] == [(B,)]
+    assert summary(routed) == [(A, Kind.DELIVERED, "p1"), (B, Kind.DELIVERED, "p2")]
+
+
+def test_mixed_outcomes_across_three_providers_keep_recipient_order() -> None:
+    p1 = FakeProvider(
+        "p1", answer_by_recipient({A: Kind.TEMPORARY, B: Kind.PERMANENT, C: Kind.TEMPORARY})
+    )
+    p2 = FakeProvider("p2", answer_by_recipient({A: Kind.TEMPORARY, C: Kind.TEMPORARY}))
+    p3 = FakeProvider("p3", answer_by_recipient({C: Kind.PERMANENT}))
+    routed = result_of(Router([p1, p2, p3]).deliver(message(A, B, C)))
+    assert [m.recipients for m in p2.delivered] == [(A, C)]
+    assert [m.recipients for m in p3.delivered] == [(A, C)]
+    assert summary(routed) == [
+        (A, Kind.DELIVERED, "p3"),
+        (B, Kind.PERMANENT, "p1"),
+        (C, Kind.PERMANENT, "p3"),
+    ]
+
+
+def test_chain_exhausted_returns_the_last_providers_temporary_results() -> None:
+    p1 = FakeProvider("p1", answer_all(Kind.TEMPORARY, "451 p1 busy"))
+    p2 = FakeProvider("p2", answer_all(Kind.TEMPORARY, "421 p2 unavailable"))
+    routed = result_of(Router([p1, p2]).deliver(message(A, B)))
+    assert [(r.result, r.provider) for r in routed] == [
+        (RecipientResult(A, Kind.TEMPORARY, "421 p2 unavailable"), "p2"),
+        (RecipientResult(B, Kind.TEMPORARY, "421 p2 unavailable"), "p2"),
+    ]
+
+
+def test_uncertain_flag_survives_routing() -> None:
+    def lost_after_dot(m):  # type: ignore[no-untyped-def]
+        return [RecipientResult(r, Kind.TEMPORARY, "lost", uncertain=True) for r in m.recipients]
+
+    routed = result_of(Router([FakeProvider("p1", lost_after_dot)]).deliver(message(A)))
+    assert routed[0].result.uncertain is True
+
+
+def test_waits_for_a_slow_provider_before_trying_the_next() -> None:
+    p1 = FakeProvider("p1", answer_all(Kind.TEMPORARY), hold=True)
+    p2 = FakeProvider("p2")
+    d = Router([p1, p2]).deliver(message(A))
+    assert not has_fired(d)
+    assert p2.delivered == []
+    p1.release()
+    assert summary(result_of(d)) == [(A, Kind.DELIVERED, "p2")]
+
+
+def test_close_closes_every_provider() -> None:
+    providers = [FakeProvider("p1"), FakeProvider("p2")]
+    result_of(Router(providers).close())
+    assert all(p.closed for p in providers)
