@@ -42,6 +42,7 @@ T = TypeVar("T")
 TIMEOUTS = {
     "greeting_timeout": 10.0,
     "command_timeout": 20.0,
+    "data_timeout": 40.0,
     "final_timeout": 50.0,
     "idle_timeout": 30.0,
 }

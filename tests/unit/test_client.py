@@ -195,15 +195,28 @@ def test_command_timeout_during_a_transaction_is_temporary_and_certain() -> None
     assert s.up.aborted
 
 
+def test_data_timeout_governs_the_wait_for_354() -> None:
+    """After the last RCPT reply, the wait for DATA's 354 uses data_timeout, not command_timeout."""
+    s = ready_session()
+    d = s.client.send(message(A))
+    s.up.reply(b"250 ok\r\n250 ok\r\n")
+    s.clock.advance(TIMEOUTS["command_timeout"] + 1)
+    assert not has_fired(d)
+    s.clock.advance(TIMEOUTS["data_timeout"] - TIMEOUTS["command_timeout"])
+    [r] = result_of(d)
+    assert (r.kind, r.uncertain) == (Kind.TEMPORARY, False)
+
+
 def test_final_timeout_after_the_payload_is_temporary_and_uncertain() -> None:
     """No reply to the final dot: the upstream may have the message (a possible duplicate)."""
     s = ready_session()
     d = s.client.send(message(A))
     s.up.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
-    # The final timeout, longer than the command timeout, now applies.
-    s.clock.advance(TIMEOUTS["command_timeout"] + 1)
+    # Transfer and final reply share one deadline: data_timeout + final_timeout.
+    deadline = TIMEOUTS["data_timeout"] + TIMEOUTS["final_timeout"]
+    s.clock.advance(deadline - 1)
     assert not has_fired(d)
-    s.clock.advance(TIMEOUTS["final_timeout"] - TIMEOUTS["command_timeout"])
+    s.clock.advance(1)
     [r] = result_of(d)
     assert (r.kind, r.uncertain) == (Kind.TEMPORARY, True)
     assert s.up.aborted

@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from twisted.internet import defer
 
 from mailrelay.spool import store as store_module
 from mailrelay.spool.format import (
@@ -337,3 +338,19 @@ def test_new_queue_ids_are_unique_and_time_sortable() -> None:
     later = new_queue_id(1000.001)
     assert len(earlier) == 50
     assert all(e < later for e in earlier)
+
+
+class _RefusingRunner:
+    """A runner that fails before running anything (e.g. a thread pool already stopped)."""
+
+    def run(self, f: object, *args: object, **kwargs: object) -> defer.Deferred[object]:
+        return defer.fail(RuntimeError("runner unavailable"))
+
+
+def test_commit_failing_before_fsync_still_removes_the_tmp_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, _RefusingRunner())
+    spool.prepare()
+    writer = spool.open_writer(envelope("Q1"))
+    writer.write(b"Subject: x\r\n\r\nbody\r\n")
+    failure_of(writer.commit())
+    assert files(spool.tmp) == [] and files(spool.queue) == []

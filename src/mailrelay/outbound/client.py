@@ -281,6 +281,9 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
             self._session_failed("protocol", f"unexpected reply {_reply_text(code, resp)}")
             return
         command, recipient = transaction.expecting.popleft()
+        if transaction.expecting and transaction.expecting[0][0] == "DATA":
+            # RFC 5321 4.5.3.2.5 / Postfix's smtp_data_init_timeout: the wait for the 354.
+            self.setTimeout(self.provider.data_timeout)
         if command == "MAIL":
             if not 200 <= code < 300:
                 transaction.mail_failure = (code, resp)
@@ -294,7 +297,10 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
                 self._result(transaction, recipient, code, resp)
         elif command == "DATA":
             if code == 354 and transaction.accepted:
-                self.setTimeout(self.provider.final_timeout)
+                # The payload is one write; the reactor drains it while we wait, so the
+                # transfer and the wait for the final reply share one deadline: the transfer
+                # allowance (data_timeout) plus the reply's (final_timeout).
+                self.setTimeout(self.provider.data_timeout + self.provider.final_timeout)
                 transaction.after_final_dot = True
                 transaction.expecting.append(("FINAL", ""))
                 self.transport.write(build_data_payload(transaction.message.body))

@@ -61,12 +61,15 @@ class SMTPProvider:
         )
         self._idle: list[RelayClient] = []
         self._busy: set[RelayClient] = set()
+        # Connections saying QUIT still count toward the pool size until they are gone, so
+        # the upstream never sees more than `connections` connections from us.
+        self._quitting: set[RelayClient] = set()
         self._connecting = 0
         self._closing = False
 
     @property
     def open_connections(self) -> int:
-        return len(self._idle) + len(self._busy)
+        return len(self._idle) + len(self._busy) + len(self._quitting)
 
     def deliver(self, message: OutboundMessage) -> defer.Deferred[list[RecipientResult]]:
         if self._closing:
@@ -134,6 +137,7 @@ class SMTPProvider:
     def _client_ready(self, client: RelayClient) -> None:
         self._busy.discard(client)
         if self._closing or client.messages_sent >= self.config.max_messages_per_connection:
+            self._quitting.add(client)
             client.quit()
             self._dispatch()
             return
@@ -142,6 +146,7 @@ class SMTPProvider:
 
     def _client_closed(self, client: RelayClient) -> None:
         self._busy.discard(client)
+        self._quitting.discard(client)
         if client in self._idle:
             self._idle.remove(client)
         if not self._closing:
@@ -154,7 +159,9 @@ class SMTPProvider:
         for message, d in waiting:
             d.callback(all_results(message, Kind.TEMPORARY, "relay shutting down"))
         for client in list(self._idle):
+            self._quitting.add(client)
             client.quit()
+        self._idle.clear()
         for client in list(self._busy):
             if client.transport is not None:
                 client.transport.abortConnection()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailrelay.blocking import BlockingRunner
 from mailrelay.spool.format import (
@@ -223,7 +224,14 @@ class MessageWriter:
         self._flush_body_record()
         self._write_raw(end_record(self._body_length, self._body_crc))
         self._closed = True
-        return self._spool._runner.run(self._make_durable)
+        d = self._spool._runner.run(self._make_durable)
+        return d.addErrback(self._discard_after_failure)
+
+    def _discard_after_failure(self, failure: Failure) -> Failure:
+        # Whatever failed (even before _make_durable ran), this copy is never delivered.
+        self._file.close()
+        self._tmp_path.unlink(missing_ok=True)
+        return failure
 
     def _make_durable(self) -> str:
         renamed = False
