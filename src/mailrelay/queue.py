@@ -45,7 +45,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         """Seconds before attempt ``attempt + 1``, given ``attempt`` attempts so far (>= 1)."""
-        base = min(self.initial * 2 ** min(attempt - 1, 32), self.maximum)
+        base = min(self.initial * 2.0 ** min(attempt - 1, 32), self.maximum)
         return base * (1 + self.jitter * (2 * rand() - 1))
 
 

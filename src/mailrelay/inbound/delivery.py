@@ -35,7 +35,7 @@ class Transaction:
     body_8bit: bool
 
 
-class IIncomingMessage(smtp.IMessage):  # type: ignore[misc]
+class IIncomingMessage(smtp.IMessage):
     def write(data: bytes) -> None:
         """Add message bytes (CRLF lines, dots already unstuffed)."""
 
@@ -46,7 +46,7 @@ class IIncomingMessage(smtp.IMessage):  # type: ignore[misc]
         """Throw the message away (the session ended or the message was refused)."""
 
 
-class IRelayDelivery(smtp.IMessageDelivery):  # type: ignore[misc]
+class IRelayDelivery(smtp.IMessageDelivery):
     def openMessage(transaction: Transaction) -> IIncomingMessage:
         """Start the one spool file of a transaction; raise SMTPServerError to refuse it."""
 

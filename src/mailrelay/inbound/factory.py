@@ -37,9 +37,9 @@ class _TooManyConnections(Protocol):
         self.transport.loseConnection()
 
 
-class RelaySMTPFactory(smtp.SMTPFactory):  # type: ignore[misc]
+class RelaySMTPFactory(smtp.SMTPFactory):
     log = Logger()
-    protocol = RelayESMTP
+    protocol = RelayESMTP  # type: ignore[assignment]  # built by hand in buildProtocol
 
     def __init__(
         self,
@@ -51,15 +51,15 @@ class RelaySMTPFactory(smtp.SMTPFactory):  # type: ignore[misc]
     ) -> None:
         super().__init__()
         self.config = config
-        self.timeout = config.idle_timeout
+        self.timeout = config.idle_timeout  # type: ignore[assignment]  # float seconds
         self._clock = clock
         self._spool = spool
         self._on_accepted = on_accepted
         self._metrics = metrics
         self.active: set[RelayESMTP] = set()
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
-        if not is_local_peer(addr):
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        if addr is None or not is_local_peer(addr):
             # Returning None closes the connection before any banner is sent.
             self.log.warn("refused non-local SMTP client {peer}", peer=str(addr))
             self._metrics.connections.labels("refused_nonlocal").inc()

@@ -18,11 +18,12 @@ What the stock class gets wrong for a relay, and what this class does instead
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum, auto
-from typing import Any
+from typing import Any, Protocol, cast
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
@@ -78,7 +79,17 @@ def _twisted_address(mailbox: str) -> smtp.Address:
     return address
 
 
-class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
+class _ServerTransport(Protocol):
+    """What the protocol uses of its transport (a TCP or UNIX socket, or a test double)."""
+
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def getPeer(self) -> IAddress: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+
+
+class RelayESMTP(smtp.ESMTP):
     log = Logger()
 
     def __init__(
@@ -90,10 +101,9 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
     ) -> None:
         super().__init__()
         self.delivery = delivery
+        self._delivery = delivery  # the same object, typed as our interface
         self.host = config.hostname.encode("ascii")
-        self.timeout = config.idle_timeout
-        # TimeoutMixin schedules through self.callLater: route it to the injected clock.
-        self.callLater = clock.callLater
+        self.timeout = config.idle_timeout  # type: ignore[assignment]  # float seconds are fine
         self._config = config
         self._clock = clock
         self._metrics = metrics
@@ -108,6 +118,15 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
         self._message: IIncomingMessage | None = None
         self._data_size = 0
         self._data_problem: _DataProblem | None = None
+
+    @property
+    def _transport(self) -> _ServerTransport:
+        assert self.transport is not None, "used only while connected"
+        return cast(_ServerTransport, self.transport)
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        # TimeoutMixin schedules through this: route it to the injected clock.
+        return self._clock.callLater(period, func)
 
     # -- connection -------------------------------------------------------------------------
 
@@ -143,7 +162,7 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
         self._buffer = b""
         self._discard_message()
         self.setTimeout(None)
-        self.transport.loseConnection()
+        self._transport.loseConnection()
 
     def _reply(self, code: int, status: str | None, text: str) -> None:
         if self._mode is _Mode.CLOSED:
@@ -151,7 +170,7 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
             # (a TCP transport still sends what is written between loseConnection and the close).
             return
         line = f"{code} {status} {text}" if status else f"{code} {text}"
-        self.transport.write(line.encode("ascii", "replace") + b"\r\n")
+        self._transport.write(line.encode("ascii", "replace") + b"\r\n")
 
     def _error_reply(self, code: int, status: str, text: str) -> None:
         """A 4xx/5xx answer to the client's mistake; too many end the session."""
@@ -213,7 +232,7 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
             self._error_reply(500, "5.5.2", "Command unrecognized")
 
     def _peer(self) -> str:
-        peer = self.transport.getPeer()
+        peer = self._transport.getPeer()
         return str(getattr(peer, "host", peer))
 
     # -- waiting on Deferreds without reordering replies -----------------------------------------
@@ -223,7 +242,7 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
         if d.called:
             return  # already answered synchronously; nothing to hold
         self._waiting = True
-        self.transport.pauseProducing()
+        self._transport.pauseProducing()
         # The client is waiting for us, not idle: no idle 421 in the middle of our own fsync.
         # The session deadline still applies.
         self.setTimeout(None)
@@ -232,7 +251,7 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
             self._waiting = False
             if self._mode is not _Mode.CLOSED:
                 self.setTimeout(self._config.idle_timeout)
-                self.transport.resumeProducing()
+                self._transport.resumeProducing()
                 self._process_input()
 
         d.addBoth(resume)
@@ -264,7 +283,7 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
             "ENHANCEDSTATUSCODES",
         ]
         text = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
-        self.transport.write(text.encode("ascii"))
+        self._transport.write(text.encode("ascii"))
 
     def do_MAIL(self, argument: bytes) -> None:
         if self._helo_name is None:
@@ -282,7 +301,7 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
             self._error_reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
             return
         d = defer.maybeDeferred(
-            self.delivery.validateFrom, self._helo, _twisted_address(mail.sender)
+            self._delivery.validateFrom, self._helo, _twisted_address(mail.sender)
         )
 
         def accepted(_: object) -> None:
@@ -311,7 +330,7 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
             self,
             _twisted_address(self._mail.sender),
         )
-        d = defer.maybeDeferred(self.delivery.validateTo, user)
+        d = defer.maybeDeferred(self._delivery.validateTo, user)
 
         def accepted(_: object) -> None:
             self._recipients.append(rcpt.recipient)
@@ -346,7 +365,7 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
             body_8bit=self._mail.body_8bit,
         )
         try:
-            self._message = self.delivery.openMessage(transaction)
+            self._message = self._delivery.openMessage(transaction)
         except smtp.SMTPServerError as e:
             status, _, text = str(e.resp).partition(" ")
             self._reset_transaction()
@@ -374,7 +393,7 @@ class RelayESMTP(smtp.ESMTP):  # type: ignore[misc]
         self._reply(221, "2.0.0", "Bye")
         self._mode = _Mode.CLOSED
         self._buffer = b""
-        self.transport.loseConnection()
+        self._transport.loseConnection()
 
     def _reset_transaction(self) -> None:
         self._mail = None

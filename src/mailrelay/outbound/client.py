@@ -19,12 +19,12 @@ from __future__ import annotations
 import base64
 import enum
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 from OpenSSL import SSL
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IReactorTime, ITCPTransport, ITLSTransport
-from twisted.logger import Logger
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport, ITLSTransport
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
@@ -72,8 +72,19 @@ class _Transaction:
         self.after_final_dot = False
 
 
-class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
-    log = Logger()
+class _ClientTransport(Protocol):
+    """What the client uses of its transport."""
+
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+
+
+# Every reply code goes to one handler during a transaction; it classifies them itself.
+_ANY_REPLY: Any = range(0, 1000)
+
+
+class RelayClient(smtp.ESMTPClient):
     debug = False  # the stock session log would keep the AUTH line (pitfall 23)
 
     def __init__(
@@ -89,8 +100,8 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
             identity=provider.helo,
         )
         self.provider = provider
-        self.callLater = clock.callLater
-        self.timeout = provider.greeting_timeout
+        self._clock = clock
+        self.timeout = provider.greeting_timeout  # type: ignore[assignment]  # base: None
         self.requireTransportSecurity = provider.tls == "starttls"
         self.requireAuthentication = provider.username is not None
         self.heloFallback = False
@@ -104,6 +115,15 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         # Set by the pool: called when the client becomes ready again, and when it is gone.
         self.on_ready: Any = None
         self.on_closed: Any = None
+
+    @property
+    def _transport(self) -> _ClientTransport:
+        assert self.transport is not None, "used only while connected"
+        return cast(_ClientTransport, self.transport)
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        # TimeoutMixin schedules through this: route it to the injected clock.
+        return self._clock.callLater(period, func)
 
     @property
     def is_ready(self) -> bool:
@@ -138,7 +158,7 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         # Not the stock step: when startTLS raises, it logs, fails, and still sends EHLO.
         try:
             # Adapting fails (TypeError) for a transport that cannot do TLS at all.
-            ITLSTransport(self.transport).startTLS(self.context)
+            ITLSTransport(self.transport).startTLS(cast(Any, self.context))
         except Exception as e:
             self._session_failed("tls", f"cannot start TLS: {type(e).__name__}")
             return
@@ -171,7 +191,7 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         self._failresponse = lambda code, resp: self._session_failed(
             "auth", f"credentials rejected ({code})"
         )
-        self.transport.write(b"AUTH PLAIN " + token + b"\r\n")
+        self._transport.write(b"AUTH PLAIN " + token + b"\r\n")
 
     def _session_ready(self) -> None:
         self._state = _State.READY
@@ -207,7 +227,7 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         self._state = _State.CLOSED
         self.setTimeout(None)
         if self.transport is not None:
-            self.transport.abortConnection()
+            self._transport.abortConnection()
 
     def timeoutConnection(self) -> None:
         if self._state is _State.READY:
@@ -233,9 +253,9 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
             return
         self._state = _State.CLOSING
         self.setTimeout(self.provider.command_timeout)
-        self._expected = range(0, 1000)
-        self._okresponse = self._failresponse = lambda code, resp: self.transport.loseConnection()
-        self.transport.write(b"QUIT\r\n")
+        self._expected = _ANY_REPLY
+        self._okresponse = self._failresponse = lambda code, resp: self._transport.loseConnection()
+        self._transport.write(b"QUIT\r\n")
 
     # -- transactions ---------------------------------------------------------------------------
 
@@ -257,12 +277,12 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
             (b"RCPT TO:<" + r.encode("ascii") + b">", ("RCPT", r)) for r in message.recipients
         ]
         commands.append((b"DATA", ("DATA", "")))
-        self._expected = range(0, 1000)
+        self._expected = _ANY_REPLY
         self._okresponse = self._failresponse = self._transaction_reply
         self.setTimeout(self.provider.command_timeout)
         if b"PIPELINING" in self._extensions:
             transaction.expecting.extend(what for _, what in commands)
-            self.transport.write(b"".join(line + b"\r\n" for line, _ in commands))
+            self._transport.write(b"".join(line + b"\r\n" for line, _ in commands))
         else:
             transaction.unsent.extend(commands)
             self._send_next_command(transaction)
@@ -271,7 +291,7 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
     def _send_next_command(self, transaction: _Transaction) -> None:
         line, what = transaction.unsent.popleft()
         transaction.expecting.append(what)
-        self.transport.write(line + b"\r\n")
+        self._transport.write(line + b"\r\n")
 
     def _transaction_reply(self, code: int, resp: bytes) -> None:
         transaction = self._transaction
@@ -303,13 +323,13 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
                 self.setTimeout(self.provider.data_timeout + self.provider.final_timeout)
                 transaction.after_final_dot = True
                 transaction.expecting.append(("FINAL", ""))
-                self.transport.write(build_data_payload(transaction.message.body))
+                self._transport.write(build_data_payload(transaction.message.body))
                 return
             if code == 354:
                 # Every RCPT failed but the server still opened DATA (RFC 2920 3.1): send an
                 # empty message to end it, and ignore its reply.
                 transaction.expecting.append(("DISCARD", ""))
-                self.transport.write(b".\r\n")
+                self._transport.write(b".\r\n")
                 return
             for r in transaction.accepted:
                 self._result(transaction, r, code, resp)
@@ -352,10 +372,10 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         ]
         if reset:
             # A failed transaction leaves the server's state unknown: RSET before reuse.
-            self._expected = range(0, 1000)
+            self._expected = _ANY_REPLY
             self._okresponse = self._failresponse = self._after_reset
             self.setTimeout(self.provider.command_timeout)
-            self.transport.write(b"RSET\r\n")
+            self._transport.write(b"RSET\r\n")
         else:
             self._state = _State.READY
             self.setTimeout(self.provider.idle_timeout)

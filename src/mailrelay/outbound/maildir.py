@@ -54,10 +54,10 @@ class MaildirProvider:
             )
             return all_results(message, Kind.TEMPORARY, f"451 4.3.0 Maildir write failed: {reason}")
 
-        d.addCallback(
-            lambda _: all_results(message, Kind.DELIVERED, f"250 2.0.0 Ok: stored as {name}")
-        )
-        return d.addErrback(failed)
+        def stored(_: None) -> list[RecipientResult]:
+            return all_results(message, Kind.DELIVERED, f"250 2.0.0 Ok: stored as {name}")
+
+        return d.addCallbacks(stored, failed)
 
     def _write(self, name: str, message: OutboundMessage) -> None:
         for sub in ("tmp", "new", "cur"):

@@ -100,6 +100,7 @@ class SMTPProvider:
             self._reactor, self.config.host, self.config.port, timeout=self.config.connect_timeout
         )
         if self.config.tls == "implicit":
+            assert self._tls_options is not None  # built for every tls other than "none"
             endpoint = wrapClientTLS(self._tls_options, endpoint)
         d = connectProtocol(endpoint, client)
         # A connection that opened but whose session fails reports through client.ready.
@@ -164,5 +165,5 @@ class SMTPProvider:
         self._idle.clear()
         for client in list(self._busy):
             if client.transport is not None:
-                client.transport.abortConnection()
+                client.transport.abortConnection()  # type: ignore[attr-defined]  # TCP/TLS
         return defer.succeed(None)
