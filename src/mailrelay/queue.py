@@ -57,6 +57,11 @@ def _attempts_in_journal(journal: list[Outcome], pending: tuple[str, ...]) -> in
     return max(counts, default=0)
 
 
+def _removable(envelope: Envelope, final: dict[str, Outcome]) -> bool:
+    """Every recipient delivered: the message can leave the spool with no record kept."""
+    return all(r in final and final[r].status is Status.DELIVERED for r in envelope.recipients)
+
+
 class DeliveryQueue:
     log = Logger()
 
@@ -207,11 +212,14 @@ class DeliveryQueue:
             started = self._clock.seconds()
             routed = await self._router.deliver(message)
             outcomes = [self._outcome(r) for r in routed]
-            # Journal before acting: after a crash from here on, a delivered recipient is
-            # never sent again.
-            await self._spool.append_journal(queue_id, outcomes)
-            self._report(queue_id, routed, self._clock.seconds() - started)
             final.update({o.recipient: o for o in outcomes if o.status.is_final})
+            if not _removable(envelope, final):
+                # Journal before acting: after a crash from here on, a delivered recipient is
+                # never sent again. When the message is about to be removed (every recipient
+                # delivered), the removal (unlink + directory fsync, in _finish) is itself that
+                # durable record, with the same crash window, so the journal write is skipped.
+                await self._spool.append_journal(queue_id, outcomes)
+            self._report(queue_id, routed, self._clock.seconds() - started)
 
         still_pending = [r for r in pending if r not in final]
         if not still_pending:

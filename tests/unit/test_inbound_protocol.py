@@ -868,19 +868,32 @@ def _open_writer_raises(s: Session, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Spool, "open_writer", open_writer)
 
 
-def _tmp_directory_missing(s: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tmp_directory_missing_answers_451_at_the_dot(session: SessionMaker) -> None:
+    """A small message touches the disk only at commit: the failure is reported there."""
+    s = session()
+    s.start_data()
     s.spool.tmp.rmdir()
+    s.send(b"Subject: x\r\n\r\nhello\r\n.\r\n")
+    assert s.replies() == ["451 4.3.0 Local error: message not accepted, try again later"]
+    assert s.queue_files() == [] and s.accepted == []
 
 
-@pytest.mark.parametrize("break_spool", [_open_writer_raises, _tmp_directory_missing])
+def test_tmp_directory_missing_refuses_a_large_message_too(session: SessionMaker) -> None:
+    """A large message spills to tmp/ as it arrives; a failure there is still a 451 at the dot."""
+    s = session()
+    s.start_data()
+    s.spool.tmp.rmdir()
+    s.send(b"Subject: x\r\n\r\n" + (b"y" * 998 + b"\r\n") * 600 + b".\r\n")
+    assert s.replies() == ["451 4.3.0 Local error: message not accepted, try again later"]
+    assert s.queue_files() == [] and s.accepted == []
+
+
 def test_spool_that_cannot_open_a_file_answers_451_at_data(
-    session: SessionMaker,
-    monkeypatch: pytest.MonkeyPatch,
-    break_spool: Callable[[Session, pytest.MonkeyPatch], None],
+    session: SessionMaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = session()
     s.start_mail()
-    break_spool(s, monkeypatch)
+    _open_writer_raises(s, monkeypatch)
     s.send(b"DATA\r\nSubject: x\r\n")
     assert s.replies() == [
         "451 4.3.0 Local error: cannot write to the spool",
@@ -894,11 +907,20 @@ def test_spool_that_cannot_open_a_file_answers_451_at_data(
 # -- disconnects ---------------------------------------------------------------------------------
 
 
-def test_disconnect_in_the_middle_of_data_removes_the_tmp_file(session: SessionMaker) -> None:
+def test_disconnect_in_the_middle_of_a_small_message_leaves_nothing(session: SessionMaker) -> None:
     s = session()
     s.start_data()
     s.send(b"Subject: cut short\r\n\r\nhalf a mess")
-    assert len(s.tmp_files()) == 1
+    assert s.tmp_files() == []  # small messages stay in memory until the final dot
+    s.disconnect()
+    assert s.tmp_files() == [] and s.queue_files() == [] and s.accepted == []
+
+
+def test_disconnect_in_the_middle_of_data_removes_the_tmp_file(session: SessionMaker) -> None:
+    s = session()
+    s.start_data()
+    s.send(b"Subject: cut short\r\n\r\n" + (b"y" * 998 + b"\r\n") * 600 + b"half a mess")
+    assert len(s.tmp_files()) == 1  # a large message spills to tmp/ as it arrives
     s.disconnect()
     assert s.tmp_files() == [] and s.queue_files() == []
     assert s.accepted == []

@@ -117,7 +117,7 @@ def advance_to_next_timer(clock: Clock) -> None:
 # -- the happy path ---------------------------------------------------------------------------
 
 
-def test_enqueued_message_is_delivered_journalled_then_removed(
+def test_fully_delivered_message_is_removed_without_a_journal_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     w = World(tmp_path)
@@ -143,10 +143,8 @@ def test_enqueued_message_is_delivered_journalled_then_removed(
         (A, B),
         BODY,
     )
-    assert steps[0] == ("journal", [(A, Status.DELIVERED, "p1"), (B, Status.DELIVERED, "p1")])
-    # The journal was on disk (durable) before the message was removed.
-    assert steps[1][0] == "remove"
-    assert [o.recipient for o in steps[1][1]] == [A, B]
+    # Every recipient delivered: removing the message is the durable record; no journal.
+    assert steps == [("remove", [])]
     assert w.queued() == []
     assert w.area("failed") == []
     assert w.queue.depth() == {"ready": 0, "deferred": 0, "active": 0}
@@ -459,11 +457,15 @@ def test_journal_write_failure_keeps_the_message_for_a_later_attempt(
         return real_append(queue_id, outcomes)
 
     monkeypatch.setattr(w.spool, "append_journal", failing_append)
-    queue_id = w.add()
+    # A partial outcome (B deferred) must be journalled; that write fails.
+    w.providers[0].answer = answer_by_recipient({A: Kind.DELIVERED, B: Kind.TEMPORARY})
+    queue_id = w.add(1, (A, B))
     assert w.queued() == [queue_id]
+    w.providers[0].answer = answer_all(Kind.DELIVERED)
     w.clock.advance(POLICY.initial)
     assert w.queued() == []
-    assert len(w.providers[0].delivered) == 2  # at least once: a possible duplicate
+    # A's delivery was never recorded, so A is sent again: at least once, a possible duplicate.
+    assert [m.recipients for m in w.providers[0].delivered] == [(A, B), (A, B)]
 
 
 # -- depth, concurrency, stop ------------------------------------------------------------------

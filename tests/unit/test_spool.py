@@ -77,14 +77,24 @@ def test_prepare_clears_leftovers_in_tmp(spool: Spool) -> None:
 
 def test_commit_puts_the_message_in_queue_and_nothing_in_tmp(spool: Spool) -> None:
     writer = spool.open_writer(envelope(QID))
-    assert files(spool.tmp) == [QID]
     writer.write(BODY[:10])
     writer.write(BODY[10:])
     assert writer.body_length == len(BODY)
+    assert files(spool.tmp) == []  # a small message touches the disk only at commit
     assert result_of(writer.commit()) == QID
     assert files(spool.queue) == [QID]
     assert files(spool.tmp) == []
     assert decode_message((spool.queue / QID).read_bytes()).body == BODY
+
+
+def test_large_message_spills_to_tmp_while_arriving(spool: Spool) -> None:
+    writer = spool.open_writer(envelope(QID))
+    body = b"z" * (store_module.SPILL_SIZE * 3)
+    writer.write(body)
+    assert files(spool.tmp) == [QID]
+    assert result_of(writer.commit()) == QID
+    assert files(spool.tmp) == []
+    assert decode_message((spool.queue / QID).read_bytes()).body == body
 
 
 def test_decode_round_trip(message_file: bytes) -> None:
@@ -207,7 +217,6 @@ def test_write_error_is_reported_at_commit(spool: Spool) -> None:
         def close(self) -> None:
             pass
 
-    writer._file.close()
     writer._file = FullDisk()  # type: ignore[assignment]
     writer.write(b"x" * (store_module.BODY_RECORD_SIZE + 1))  # does not raise here
     failure = failure_of(writer.commit())
