@@ -210,15 +210,23 @@ class DeliveryQueue:
                 count=len(pending),
             )
             started = self._clock.seconds()
-            routed = await self._router.deliver(message)
+            recorded: set[str] = set()
+
+            async def record_step(settled: list[RoutedResult]) -> None:
+                # Outcomes settled by one provider, journalled before the next is tried.
+                await self._spool.append_journal(queue_id, [self._outcome(r) for r in settled])
+                recorded.update(r.result.recipient for r in settled)
+
+            routed = await self._router.deliver(message, record_step)
             outcomes = [self._outcome(r) for r in routed]
             final.update({o.recipient: o for o in outcomes if o.status.is_final})
-            if not _removable(envelope, final):
+            unrecorded = [o for o in outcomes if o.recipient not in recorded]
+            if unrecorded and not _removable(envelope, final):
                 # Journal before acting: after a crash from here on, a delivered recipient is
                 # never sent again. When the message is about to be removed (every recipient
                 # delivered), the removal (unlink + directory fsync, in _finish) is itself that
                 # durable record, with the same crash window, so the journal write is skipped.
-                await self._spool.append_journal(queue_id, outcomes)
+                await self._spool.append_journal(queue_id, unrecorded)
             self._report(queue_id, routed, self._clock.seconds() - started)
 
         still_pending = [r for r in pending if r not in final]

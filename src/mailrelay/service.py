@@ -51,6 +51,29 @@ class Options(usage.Options):
         raise SystemExit(0)
 
 
+class _SequentialMultiService(service.MultiService):
+    """Starts children in order and stops them in reverse order, one after another.
+
+    MultiService.stopService calls every child's stopService at once and gathers the results,
+    so the I/O thread pool would stop while the queue is still journalling the outcomes of
+    in-flight attempts: those writes would never run (and stopService would never finish).
+    """
+
+    def stopService(self) -> defer.Deferred[None]:
+        service.Service.stopService(self)
+        children = list(self)
+        children.reverse()
+
+        async def stop_in_turn() -> None:
+            for child in children:
+                try:
+                    await defer.maybeDeferred(child.stopService)
+                except Exception:
+                    log.failure("stopping {child} failed", child=child)
+
+        return defer.Deferred.fromCoroutine(stop_in_turn())
+
+
 class _ThreadPoolService(service.Service):
     def __init__(self, pool: ThreadPool) -> None:
         self._pool = pool
@@ -109,7 +132,7 @@ def buildService(
 ) -> service.MultiService:
     """Every part of the relay, wired, as one service (nothing listens until it starts)."""
     metrics = metrics if metrics is not None else Metrics()
-    top = service.MultiService()
+    top = _SequentialMultiService()
 
     pool = ThreadPool(minthreads=1, maxthreads=8, name="mailrelay-io")
     _ThreadPoolService(pool).setServiceParent(top)

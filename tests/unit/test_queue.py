@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 
 from mailrelay.metrics import Metrics
 from mailrelay.outbound.results import Kind, OutboundMessage, RecipientResult, all_results
-from mailrelay.outbound.router import RoutedResult, Router
+from mailrelay.outbound.router import RecordStep, RoutedResult, Router
 from mailrelay.queue import DeliveryQueue, RetryPolicy
 from mailrelay.spool.format import Outcome, Status, decode_journal
 from mailrelay.spool.store import JOURNAL_SUFFIX
@@ -409,13 +409,15 @@ class ExplodingRouter:
         self.synchronous = synchronous
         self.calls = 0
 
-    def deliver(self, message: OutboundMessage) -> defer.Deferred[list[RoutedResult]]:
+    def deliver(
+        self, message: OutboundMessage, record: RecordStep | None = None
+    ) -> defer.Deferred[list[RoutedResult]]:
         self.calls += 1
         if self.calls <= self.failures:
             if self.synchronous:
                 raise RuntimeError("router bug")
             return defer.fail(RuntimeError("router bug"))
-        return self.inner.deliver(message)
+        return self.inner.deliver(message, record)
 
     def close(self) -> defer.Deferred[None]:
         return self.inner.close()
@@ -521,3 +523,35 @@ def test_stop_cancels_the_retry_timer(tmp_path: Path) -> None:
     result_of(w.stop())
     assert w.clock.getDelayedCalls() == []
     assert w.queued() == [queue_id, queue_id + JOURNAL_SUFFIX]
+
+
+def test_first_providers_deliveries_are_journalled_before_failing_over(tmp_path: Path) -> None:
+    """A's 250 from p1 is on disk while p2 is still being tried for B (shorter duplicate window)."""
+    p1 = FakeProvider("p1", answer_by_recipient({A: Kind.DELIVERED, B: Kind.TEMPORARY}))
+    p2 = FakeProvider("p2", hold=True)
+    w = World(tmp_path, p1, p2)
+    w.start()
+    queue_id = w.add(1, (A, B))
+    # p2 has not answered yet, but A's outcome from p1 is already durable.
+    assert [m.recipients for m in p2.delivered] == [(B,)]
+    assert [(o.recipient, o.status, o.provider) for o in w.journal(queue_id)] == [
+        (A, Status.DELIVERED, "p1")
+    ]
+    p2.release()
+    assert w.queued() == []
+    assert w.metric("mailrelay_messages_delivered_total") == 1
+
+
+def test_a_damaged_journal_does_not_stop_delivery(tmp_path: Path) -> None:
+    """A zero-filled journal tail (power loss) keeps its valid records; the message still goes."""
+    provider = FakeProvider("p1", answer_by_recipient({A: Kind.DELIVERED, B: Kind.TEMPORARY}))
+    w = World(tmp_path, provider)
+    w.start()
+    queue_id = w.add(1, (A, B))
+    journal = w.spool.queue / (queue_id + JOURNAL_SUFFIX)
+    journal.write_bytes(journal.read_bytes() + bytes(64))
+    provider.answer = answer_all(Kind.DELIVERED)
+    w.clock.advance(POLICY.initial)
+    # Only B is sent again (A's record survived), and nothing went to corrupt/.
+    assert [m.recipients for m in provider.delivered] == [(A, B), (B,)]
+    assert w.queued() == [] and w.area("corrupt") == []

@@ -16,11 +16,14 @@ from mailrelay.spool.format import (
     MESSAGE_MAGIC,
     TAG_OUTCOME,
     CorruptSpoolFile,
+    JournalRead,
     Outcome,
     Status,
     decode_envelope,
     decode_journal,
     decode_message,
+    journal_end,
+    read_journal,
     record,
 )
 from mailrelay.spool.store import JOURNAL_SUFFIX, Spool, SpoolWriteError
@@ -281,16 +284,42 @@ def test_append_after_a_torn_magic_line_keeps_the_journal_readable(spool: Spool)
     assert result_of(spool.load(QID))[1] == [outcome("a@example.test")]
 
 
-def test_damaged_journal_record_is_corrupt_not_ignored() -> None:
+def test_damaged_journal_keeps_its_valid_prefix_and_says_so() -> None:
+    """A flipped bit in the second record: the first still counts; the damage is reported."""
+    first = _journal_bytes([outcome("a@example.test")])
     data = bytearray(_journal_bytes([outcome("a@example.test"), outcome("b@example.test")]))
-    data[len(JOURNAL_MAGIC) + 10] ^= 0x01
-    with pytest.raises(CorruptSpoolFile):
-        decode_journal(bytes(data))
+    data[len(first) + 10] ^= 0x01
+    read = read_journal(bytes(data))
+    assert [o.recipient for o in read.outcomes] == ["a@example.test"]
+    assert read.damaged and read.end == len(first)
 
 
-def test_journal_with_a_foreign_record_is_corrupt() -> None:
-    with pytest.raises(CorruptSpoolFile):
-        decode_journal(JOURNAL_MAGIC + record(b"B", b"not an outcome"))
+def test_zero_filled_tail_after_power_loss_keeps_the_records_before_it() -> None:
+    good = _journal_bytes([outcome("a@example.test", Status.DEFERRED)])
+    read = read_journal(good + bytes(64))
+    assert [o.recipient for o in read.outcomes] == ["a@example.test"]
+    assert read.damaged and read.end == len(good)
+    assert journal_end(good + bytes(64)) == len(good)
+
+
+def test_journal_with_a_foreign_record_keeps_nothing_after_it() -> None:
+    read = read_journal(JOURNAL_MAGIC + record(b"B", b"not an outcome"))
+    assert read.outcomes == [] and read.damaged
+
+
+def test_journal_with_a_bad_magic_line_is_damaged_and_empty() -> None:
+    read = read_journal(b"GARBAGE-JOURNAL 9\n" + bytes(20))
+    assert read == JournalRead([], 0, True)
+
+
+def test_append_after_damage_cuts_the_damage_off(spool: Spool) -> None:
+    store(spool, envelope(QID))
+    result_of(spool.append_journal(QID, [outcome("a@example.test", Status.DEFERRED)]))
+    path = spool.queue / (QID + JOURNAL_SUFFIX)
+    path.write_bytes(path.read_bytes() + bytes(64))  # zero-filled tail
+    result_of(spool.append_journal(QID, [outcome("b@example.test")]))
+    _, journal = result_of(spool.load(QID))
+    assert [o.recipient for o in journal] == ["a@example.test", "b@example.test"]
 
 
 def test_outcome_json_round_trip() -> None:
@@ -363,3 +392,31 @@ def test_commit_failing_before_fsync_still_removes_the_tmp_file(tmp_path: Path) 
     writer.write(b"Subject: x\r\n\r\nbody\r\n")
     failure_of(writer.commit())
     assert files(spool.tmp) == [] and files(spool.queue) == []
+
+
+def test_crash_between_the_two_renames_of_a_move_keeps_the_journal_with_its_message(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The message moves first; a journal left behind follows it at the next start."""
+    store(spool, envelope(QID))
+    result_of(
+        spool.append_journal(
+            QID, [outcome("a@example.test"), outcome("b@example.test", Status.FAILED)]
+        )
+    )
+    real_rename = os.rename
+
+    def crash_on_journal(src: object, dst: object) -> None:
+        if str(src).endswith(JOURNAL_SUFFIX):
+            raise OSError(errno.EIO, "simulated crash")
+        real_rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", crash_on_journal)
+    failure_of(spool.move_to_failed(QID))
+    monkeypatch.undo()
+    # The message is not in queue/ any more: it can never be sent again.
+    assert files(spool.queue) == [QID + JOURNAL_SUFFIX]
+    assert files(spool.failed) == [QID]
+    assert spool.remove_orphan_journals() == 1
+    assert files(spool.queue) == []
+    assert files(spool.failed) == sorted([QID, QID + JOURNAL_SUFFIX])

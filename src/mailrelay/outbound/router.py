@@ -9,7 +9,7 @@ the queue, with the last provider's reply.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 from twisted.internet import defer
@@ -24,6 +24,9 @@ class RoutedResult:
     provider: str
 
 
+RecordStep = Callable[[list[RoutedResult]], Awaitable[None]]
+
+
 class Router:
     log = Logger()
 
@@ -32,24 +35,35 @@ class Router:
             raise ValueError("a routing chain needs at least one provider")
         self.chain = tuple(chain)
 
-    def deliver(self, message: OutboundMessage) -> defer.Deferred[list[RoutedResult]]:
-        return defer.Deferred.fromCoroutine(self._deliver(message))
+    def deliver(
+        self, message: OutboundMessage, record: RecordStep | None = None
+    ) -> defer.Deferred[list[RoutedResult]]:
+        """One result per recipient. ``record`` is awaited with the recipients a provider
+        settled (delivered or failed for good) before the rest go on to the next provider,
+        so an upstream's 250 is made durable without waiting for the rest of the chain."""
+        return defer.Deferred.fromCoroutine(self._deliver(message, record))
 
-    async def _deliver(self, message: OutboundMessage) -> list[RoutedResult]:
+    async def _deliver(
+        self, message: OutboundMessage, record: RecordStep | None
+    ) -> list[RoutedResult]:
         settled: dict[str, RoutedResult] = {}
         last: dict[str, RoutedResult] = {}
         remaining = message.recipients
-        for provider in self.chain:
+        for index, provider in enumerate(self.chain):
             if not remaining:
                 break
             results = await provider.deliver(attrs.evolve(message, recipients=remaining))
+            settled_here: list[RoutedResult] = []
             for result in results:
                 routed = RoutedResult(result, provider.name)
                 if result.kind is Kind.TEMPORARY:
                     last[result.recipient] = routed
                 else:
                     settled[result.recipient] = routed
+                    settled_here.append(routed)
             temporary = [r for r in results if r.kind is Kind.TEMPORARY]
+            if temporary and settled_here and record is not None and index + 1 < len(self.chain):
+                await record(settled_here)
             if temporary:
                 self.log.warn(
                     "{queue_id} provider {provider} failed temporarily for {count} recipient(s):"

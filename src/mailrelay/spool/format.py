@@ -183,35 +183,42 @@ def decode_envelope(data: bytes) -> Envelope:
     raise CorruptSpoolFile("no envelope record")
 
 
-def decode_journal(data: bytes) -> list[Outcome]:
-    """Every outcome fully written; a torn tail (crash mid-append) is dropped, not an error."""
+@attrs.frozen
+class JournalRead:
+    outcomes: list[Outcome]  # every whole, valid record, in order
+    end: int  # where the next record belongs (after the last valid one)
+    damaged: bool  # something other than a torn tail was cut off
+
+
+def read_journal(data: bytes) -> JournalRead:
+    """Read a journal, keeping its valid prefix whatever follows it.
+
+    A torn tail (a crash mid-append) is expected and silent. Any other damage (a zero-filled
+    tail after power loss, a flipped bit) is reported as ``damaged``; the records before it
+    still count. A bad journal never makes its message undeliverable: at worst a recipient
+    whose outcome was lost is tried again (a possible duplicate).
+    """
     if JOURNAL_MAGIC.startswith(data):
-        return []  # empty, or the first append was torn inside the magic line
+        return JournalRead([], 0, False)  # empty, or the first append was torn in the magic
+    if not data.startswith(JOURNAL_MAGIC):
+        return JournalRead([], 0, True)
     outcomes: list[Outcome] = []
+    end = len(JOURNAL_MAGIC)
     try:
-        for tag, payload, _end in iter_records(data, JOURNAL_MAGIC):
+        for tag, payload, record_end in iter_records(data, JOURNAL_MAGIC):
             if tag != TAG_OUTCOME:
                 raise CorruptSpoolFile(f"unexpected journal record {tag!r}")
             outcomes.append(Outcome.from_json(payload))
+            end = record_end
     except CorruptSpoolFile as e:
-        if not _is_torn_tail(e, data):
-            raise
-    return outcomes
+        return JournalRead(outcomes, end, damaged="truncated" not in str(e))
+    return JournalRead(outcomes, end, False)
+
+
+def decode_journal(data: bytes) -> list[Outcome]:
+    return read_journal(data).outcomes
 
 
 def journal_end(data: bytes) -> int:
-    """Where the next journal record belongs: after the last whole one, so a torn tail is
-    cut off. Other damage is left in place (the whole length) for decode_journal to report."""
-    if JOURNAL_MAGIC.startswith(data):
-        return 0
-    end = len(JOURNAL_MAGIC)
-    try:
-        for _tag, _payload, record_end in iter_records(data, JOURNAL_MAGIC):
-            end = record_end
-    except CorruptSpoolFile as e:
-        return end if _is_torn_tail(e, data) else len(data)
-    return end
-
-
-def _is_torn_tail(error: CorruptSpoolFile, data: bytes) -> bool:
-    return "truncated" in str(error) and data.startswith(JOURNAL_MAGIC)
+    """Where the next record belongs: anything after the last valid record is cut off."""
+    return read_journal(data).end

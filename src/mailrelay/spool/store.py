@@ -37,10 +37,10 @@ from mailrelay.spool.format import (
     Envelope,
     Outcome,
     StoredMessage,
-    decode_journal,
     decode_message,
     end_record,
     journal_end,
+    read_journal,
     record,
 )
 
@@ -111,10 +111,17 @@ class Spool:
         if message.envelope.queue_id != queue_id:
             raise CorruptSpoolFile("envelope names another queue ID")
         try:
-            journal = (self.queue / (queue_id + JOURNAL_SUFFIX)).read_bytes()
+            journal = read_journal((self.queue / (queue_id + JOURNAL_SUFFIX)).read_bytes())
         except FileNotFoundError:
-            journal = b""
-        return message, decode_journal(journal)
+            return message, []
+        if journal.damaged:
+            self.log.error(
+                "{queue_id} journal damaged: kept {count} record(s); a recipient whose outcome"
+                " was lost may be sent again",
+                queue_id=queue_id,
+                count=len(journal.outcomes),
+            )
+        return message, journal.outcomes
 
     # -- journal ----------------------------------------------------------------------------------
 
@@ -128,9 +135,8 @@ class Spool:
         try:
             size = os.fstat(fd).st_size
             if size and (end := journal_end(os.pread(fd, size, 0))) < size:
-                # A torn tail from a crash mid-append: cut it off first, or the records
-                # appended now would be read as part of it (a checksum error that would
-                # send the whole message to corrupt/).
+                # A torn tail (crash mid-append) or other damage: cut it off first, or the
+                # records appended now would sit behind it and never be read.
                 os.ftruncate(fd, end)
                 size = end
             if size == 0:
@@ -164,21 +170,35 @@ class Spool:
         return self._runner.run(self._move, queue_id, self.corrupt)
 
     def _move(self, queue_id: str, area: Path) -> None:
+        # The message goes first: after a crash in between, queue/ holds only a journal,
+        # which the next start moves after its message (remove_orphan_journals). The other
+        # order would leave a message without its journal: every recipient sent again.
+        os.rename(self.queue / queue_id, area / queue_id)
         journal = self.queue / (queue_id + JOURNAL_SUFFIX)
         if journal.exists():
             os.rename(journal, area / journal.name)
-        os.rename(self.queue / queue_id, area / queue_id)
         _fsync_directory(area)
         _fsync_directory(self.queue)
 
     def remove_orphan_journals(self) -> int:
-        """Journals whose message is gone (a crash inside _remove); blocking, at start."""
-        removed = 0
+        """Journals without a message in queue/ (a crash inside _remove or _move); at start.
+
+        One whose message went to failed/ or corrupt/ follows it there (it is the record of
+        why); one whose message was removed is deleted.
+        """
+        handled = 0
         for path in self.queue.glob("*" + JOURNAL_SUFFIX):
-            if not (self.queue / path.name[: -len(JOURNAL_SUFFIX)]).exists():
+            queue_id = path.name[: -len(JOURNAL_SUFFIX)]
+            if (self.queue / queue_id).exists():
+                continue
+            for area in (self.failed, self.corrupt):
+                if (area / queue_id).exists():
+                    os.rename(path, area / path.name)
+                    break
+            else:
                 path.unlink(missing_ok=True)
-                removed += 1
-        return removed
+            handled += 1
+        return handled
 
 
 class MessageWriter:
