@@ -201,7 +201,8 @@ class DeliveryQueue:
                 sender=envelope.sender,
                 recipients=pending,
                 body=stored.body,
-                body_8bit=envelope.body_8bit,
+                # Derived, not trusted: a client may send 8-bit bytes without BODY=8BITMIME.
+                body_8bit=envelope.body_8bit or not stored.body.isascii(),
             )
             self.log.info(
                 "{queue_id} attempt {attempt} for {count} recipient(s)",

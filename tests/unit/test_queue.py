@@ -555,3 +555,13 @@ def test_a_damaged_journal_does_not_stop_delivery(tmp_path: Path) -> None:
     # Only B is sent again (A's record survived), and nothing went to corrupt/.
     assert [m.recipients for m in provider.delivered] == [(A, B), (B,)]
     assert w.queued() == [] and w.area("corrupt") == []
+
+
+def test_eight_bit_body_is_flagged_even_without_body_8bitmime(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    w.start()
+    queue_id = store(w.spool, envelope(qid(1), (A,)), b"Subject: caf\xc3\xa9\r\n\r\nx\r\n")
+    w.queue.enqueue(envelope(queue_id, (A,)))
+    queue_id2 = store(w.spool, envelope(qid(2), (A,)), b"Subject: plain\r\n\r\nx\r\n")
+    w.queue.enqueue(envelope(queue_id2, (A,)))
+    assert [m.body_8bit for m in w.providers[0].delivered] == [True, False]
