@@ -118,9 +118,44 @@ class Session:
         return [decode_message(p.read_bytes()) for p in self.queue_files()]
 
     def disconnect(self) -> None:
-        """What the reactor does when the TCP connection goes away."""
+        """What the reactor does when the TCP connection goes away.
+
+        ``FileDescriptor.connectionLost`` stops and drops the registered producer first.
+        """
         self.transport.loseConnection()
+        if self.transport.producer is not None:
+            self.transport.producer.stopProducing()
+            self.transport.producer = None
         self.proto.connectionLost(None)
+
+
+class SmallBufferTransport(StringTransport):
+    """A StringTransport whose send buffer fills up, as a TCP transport's does.
+
+    Like ``FileDescriptor``: every write that leaves more than ``limit`` unsent bytes pauses the
+    registered streaming producer; ``drain()`` (the client reading everything) resumes it.
+    """
+
+    def __init__(self, limit: int, peerAddress: IAddress | None = None) -> None:
+        super().__init__(peerAddress=peerAddress)
+        self.limit = limit
+        self.unsent = 0
+        self.most_unsent = 0
+        self.producer_paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.unsent += len(data)
+        self.most_unsent = max(self.most_unsent, self.unsent)
+        if self.producer is not None and self.streaming and self.unsent > self.limit:
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        self.unsent = 0
+        if self.producer is not None and self.producer_paused:
+            self.producer_paused = False
+            self.producer.resumeProducing()
 
 
 class RecordingFactory(RelaySMTPFactory):
@@ -150,12 +185,14 @@ def open_session(
     config: SMTPConfig | None = None,
     peer: IAddress = LOCAL_V4,
     runner: BlockingRunner | None = None,
+    transport: StringTransport | None = None,
 ) -> Session:
     """Build the protocol through the real factory and connect it to a StringTransport."""
     factory = make_factory(root, config, runner)
     proto = factory.buildProtocol(peer)
     assert isinstance(proto, RelayESMTP), f"factory refused {peer}"
-    transport = StringTransport(peerAddress=peer)
+    if transport is None:
+        transport = StringTransport(peerAddress=peer)
     proto.makeConnection(transport)
     return Session(
         factory, proto, transport, factory.spool, factory.clock, factory.metrics, factory.accepted

@@ -10,6 +10,9 @@ What the stock class gets wrong for a relay, and what this class does instead
   stored, never forwarded), and only CRLF.CRLF ends DATA.
 - Reply order (4): while a reply waits on a Deferred (fsync), the transport is paused and
   further input stays in the buffer; it is processed, in order, after the reply is written.
+  The session deadline never cuts in between: it closes right after that reply.
+- Backpressure: the protocol is the streaming producer of its own replies. When the transport's
+  send buffer is full, input processing stops and reading pauses until the client reads.
 - One spool file per transaction (3): DATA opens one message through ``IRelayDelivery``.
 - Spool failure is ``451 4.3.0``, never 550 (9). SIZE is advertised and enforced (10).
 - NOOP, RSET, VRFY (252), HELP (11); MAIL needs HELO/EHLO first.
@@ -23,10 +26,11 @@ from enum import Enum, auto
 from typing import Any, Protocol, cast
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailrelay.address import AddressError, MailCommand, parse_mail, parse_rcpt
 from mailrelay.config import SMTPConfig
@@ -87,8 +91,11 @@ class _ServerTransport(Protocol):
     def getPeer(self) -> IAddress: ...
     def pauseProducing(self) -> None: ...
     def resumeProducing(self) -> None: ...
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
 
 
+@implementer(IPushProducer)
 class RelayESMTP(smtp.ESMTP):
     log = Logger()
 
@@ -109,7 +116,15 @@ class RelayESMTP(smtp.ESMTP):
         self._metrics = metrics
         self._buffer = b""
         self._mode = _Mode.COMMAND
-        self._waiting = False  # a reply is pending on a Deferred; input stays buffered
+        # Two independent reasons to hold input (buffered, and reading paused): a reply is
+        # pending on a Deferred, or the transport's send buffer is full. Reading resumes only
+        # when neither holds.
+        self._waiting = False
+        self._output_paused = False
+        self._reading_paused = False  # what we last asked of the transport
+        self._producing = False  # registered with the transport as the producer of replies
+        self._processing = False  # inside _process_input (guards against re-entry)
+        self._expired = False  # the session deadline passed while a reply was pending
         self._errors = 0
         self._deadline: IDelayedCall | None = None
         self._helo_name: str | None = None
@@ -131,6 +146,10 @@ class RelayESMTP(smtp.ESMTP):
     # -- connection -------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        # A client that pipelines commands and never reads would otherwise grow our send
+        # buffer without limit: let the transport pause us when it is full.
+        self._transport.registerProducer(self, True)
+        self._producing = True
         self._deadline = self._clock.callLater(self._config.session_timeout, self._session_expired)
         self.setTimeout(self._config.idle_timeout)
         self._reply(220, None, f"{self._config.hostname} ESMTP mailrelay")
@@ -139,6 +158,7 @@ class RelayESMTP(smtp.ESMTP):
         self._mode = _Mode.CLOSED
         self._discard_message()
         self._buffer = b""
+        self._unregister_producer()
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
@@ -152,16 +172,27 @@ class RelayESMTP(smtp.ESMTP):
 
     def _session_expired(self) -> None:
         self._deadline = None
+        if self._waiting:
+            # A 421 now, then the commit completing, would queue a message the client was told
+            # to retry (a duplicate). Close right after the pending reply instead (_wait_for).
+            self._expired = True
+            return
         self._close(421, "4.4.2", f"{self._config.hostname} Session too long, closing connection")
 
     def _close(self, code: int, status: str, text: str) -> None:
         if self._mode is _Mode.CLOSED:
             return
         self._reply(code, status, text)
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        """End the session after its last reply: no more input is parsed, nothing more written."""
         self._mode = _Mode.CLOSED
         self._buffer = b""
         self._discard_message()
         self.setTimeout(None)
+        # A TCP transport does not close while a producer is registered.
+        self._unregister_producer()
         self._transport.loseConnection()
 
     def _reply(self, code: int, status: str | None, text: str) -> None:
@@ -181,6 +212,41 @@ class RelayESMTP(smtp.ESMTP):
                 421, "4.7.0", f"{self._config.hostname} Too many errors, closing connection"
             )
 
+    # -- output flow control (IPushProducer, called by the transport) ---------------------------
+
+    def pauseProducing(self) -> None:
+        """The send buffer is full: take no more commands until the client has read."""
+        self._output_paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        """The send buffer drained: read again and answer what is already buffered."""
+        self._output_paused = False
+        self._update_reading()
+        self._process_input()
+
+    def stopProducing(self) -> None:
+        """The transport is going away (connectionLost follows) and has dropped us already."""
+        self._producing = False
+        self._output_paused = True
+        self._buffer = b""
+
+    def _unregister_producer(self) -> None:
+        if self._producing:
+            self._producing = False
+            self._transport.unregisterProducer()
+
+    def _update_reading(self) -> None:
+        """Pause reading while a reply is pending or output is blocked; resume when neither."""
+        hold = self._waiting or self._output_paused
+        if self._mode is _Mode.CLOSED or hold == self._reading_paused:
+            return
+        self._reading_paused = hold
+        if hold:
+            self._transport.pauseProducing()
+        else:
+            self._transport.resumeProducing()
+
     # -- input --------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
@@ -189,26 +255,55 @@ class RelayESMTP(smtp.ESMTP):
         self._buffer += data
         self._process_input()
 
+    def _can_process(self) -> bool:
+        return not self._waiting and not self._output_paused and self._mode is not _Mode.CLOSED
+
     def _process_input(self) -> None:
-        while not self._waiting and self._buffer:
-            if self._mode is _Mode.DATA:
-                if not self._process_data():
+        if self._processing:
+            # Re-entered from inside a handler (say, a transport calling resumeProducing from
+            # write): the outer loop is still running, holds an offset into the buffer, and
+            # re-checks its conditions before each line.
+            return
+        self._processing = True
+        try:
+            while self._can_process() and self._buffer:
+                if self._mode is _Mode.DATA:
+                    more = self._process_data()
+                else:
+                    more = self._process_commands()
+                if not more:
                     return
-            elif self._mode is _Mode.COMMAND:
-                eol = self._buffer.find(b"\r\n")
+        finally:
+            self._processing = False
+
+    def _process_commands(self) -> bool:
+        """Run complete command lines; False when more input is needed or the session ended.
+
+        Lines are found by offset and the buffer is cut once at the end: cutting it after each
+        line made a large pipelined chunk cost O(n^2) in copying.
+        """
+        buffer = self._buffer
+        pos = 0
+        try:
+            while self._mode is _Mode.COMMAND and self._can_process():
+                # The CRLF of a line of at most COMMAND_LINE_MAX octets ends in this window; no
+                # need to look further (a CRLF-less flood is refused without scanning it all).
+                eol = buffer.find(b"\r\n", pos, pos + COMMAND_LINE_MAX)
                 if eol < 0:
                     # 511 octets may still be a 510-octet line plus the CR of its CRLF.
-                    if len(self._buffer) > COMMAND_LINE_MAX - 1:
+                    if len(buffer) - pos > COMMAND_LINE_MAX - 1:
                         self._line_too_long()
-                    return
-                if eol > COMMAND_LINE_MAX - 2:
-                    self._line_too_long()
-                    return
-                line, self._buffer = self._buffer[:eol], self._buffer[eol + 2 :]
+                    return False
+                line = buffer[pos:eol]
+                pos = eol + 2
                 self.resetTimeout()
-                self._command(line)
-            else:
-                return
+                self._command(line)  # may switch to DATA, wait on a Deferred, pause or close
+            return True
+        finally:
+            # A close cleared the buffer; otherwise keep exactly the input not yet consumed.
+            # (Input can only be appended meanwhile, so the offset still holds.)
+            if self._mode is not _Mode.CLOSED:
+                self._buffer = self._buffer[pos:]
 
     def _line_too_long(self) -> None:
         self._close(500, "5.5.2", "Line too long, closing connection")
@@ -242,17 +337,24 @@ class RelayESMTP(smtp.ESMTP):
         if d.called:
             return  # already answered synchronously; nothing to hold
         self._waiting = True
-        self._transport.pauseProducing()
+        self._update_reading()
         # The client is waiting for us, not idle: no idle 421 in the middle of our own fsync.
-        # The session deadline still applies.
+        # The session deadline is held too (_session_expired): it closes right after the reply.
         self.setTimeout(None)
 
         def resume(_: object) -> None:
+            # Runs after the callbacks added before it: the pending reply is written by now.
             self._waiting = False
-            if self._mode is not _Mode.CLOSED:
-                self.setTimeout(self._config.idle_timeout)
-                self._transport.resumeProducing()
-                self._process_input()
+            if self._mode is _Mode.CLOSED:
+                return
+            if self._expired:
+                self._close(
+                    421, "4.4.2", f"{self._config.hostname} Session too long, closing connection"
+                )
+                return
+            self.setTimeout(self._config.idle_timeout)
+            self._update_reading()
+            self._process_input()
 
         d.addBoth(resume)
 
@@ -391,9 +493,7 @@ class RelayESMTP(smtp.ESMTP):
 
     def do_QUIT(self, argument: bytes) -> None:
         self._reply(221, "2.0.0", "Bye")
-        self._mode = _Mode.CLOSED
-        self._buffer = b""
-        self._transport.loseConnection()
+        self._hang_up()
 
     def _reset_transaction(self) -> None:
         self._mail = None
