@@ -1,16 +1,29 @@
-"""STARTTLS and AUTH against a real upstream: verified certificates, no plaintext fallback."""
+"""STARTTLS, implicit TLS and AUTH against a real upstream: verified certificates, no
+plaintext fallback."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IHostResolution,
+    IReactorPluggableNameResolver,
+    IReactorTCP,
+    IReactorTime,
+    IResolutionReceiver,
+)
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from mailrelay.config import ProviderConfig
 from mailrelay.metrics import Metrics
@@ -25,6 +38,52 @@ SECRET = "correct horse battery staple"
 MESSAGE = OutboundMessage(
     "Q1", "app@example.com", ("user@example.com",), b"Subject: tls\r\n\r\nhi\r\n"
 )
+# Not a loopback name, so the client's "AUTH in clear to loopback is fine" exemption does not
+# apply; resolved to 127.0.0.1 by _LoopbackReactor below.
+REMOTE_NAME = "smtp.example.test"
+
+
+@implementer(IHostResolution)
+class _Resolution:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        pass
+
+
+@implementer(IHostnameResolver)
+class _LoopbackResolver:
+    """Every name resolves to 127.0.0.1: talk to the local upstream under a remote name."""
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Sequence[type] | None = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        resolution = _Resolution(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
+        resolutionReceiver.addressResolved(IPv4Address("TCP", "127.0.0.1", portNumber))
+        resolutionReceiver.resolutionComplete()
+        return resolution
+
+
+@implementer(IReactorTCP, IReactorTime, IReactorPluggableNameResolver)
+class _LoopbackReactor:
+    """The real reactor with a name resolver that sends every host name to loopback."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.nameResolver = _LoopbackResolver()
+
+    def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
+        raise NotImplementedError("fixed for the test")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
 
 
 class StartTLSUpstream(TestCase):
@@ -106,5 +165,81 @@ class StartTLSUpstream(TestCase):
         (result,) = await provider.deliver(MESSAGE)
         assert result.kind is Kind.TEMPORARY
         assert "auth" in result.reply
+        assert SECRET not in result.reply
+        assert upstream.messages() == []
+
+
+class ImplicitTLSUpstream(TestCase):
+    """tls = "implicit" (port 465 style): TLS from the first byte, then AUTH, never STARTTLS."""
+
+    def setUp(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="mailrelay-implicit-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.ca = trustme.CA()
+        self.ca_file = self.tmp / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+        os.environ[PASSWORD_ENV] = SECRET
+        self.addCleanup(os.environ.pop, PASSWORD_ENV, None)
+
+    def upstream(self, *names: str) -> UpstreamProcess:
+        cert = self.ca.issue_cert(*names)
+        chain, key = self.tmp / "chain.pem", self.tmp / "key.pem"
+        cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
+        cert.private_key_pem.write_to_path(str(key))
+        upstream = UpstreamProcess(
+            self.tmp / "upstream",
+            tls_cert=chain,
+            tls_key=key,
+            implicit_tls=True,
+            auth=("relay", SECRET),
+        ).start()
+        self.addCleanup(upstream.stop)
+        return upstream
+
+    def provider(self, host: str, port: int, ca_file: Path, via: Any = reactor) -> SMTPProvider:
+        config = ProviderConfig(
+            name="implicit",
+            kind="smtp",
+            host=host,
+            port=port,
+            tls="implicit",
+            ca_file=str(ca_file),
+            username="relay",
+            password_env=PASSWORD_ENV,
+            helo="relay.test",
+            connect_timeout=5,
+        )
+        provider = SMTPProvider(config, via, Metrics())
+        self.addCleanup(provider.close)
+        return provider
+
+    async def test_implicit_tls_and_auth_deliver_on_loopback(self) -> None:
+        upstream = self.upstream("127.0.0.1")
+        (result,) = await self.provider("127.0.0.1", upstream.port, self.ca_file).deliver(MESSAGE)
+        assert result.kind is Kind.DELIVERED, result.reply
+        (stored,) = upstream.messages()
+        assert stored["body"] == MESSAGE.body
+
+    async def test_implicit_tls_and_auth_deliver_to_a_remote_name(self) -> None:
+        """Without the loopback exemption: AUTH goes out only because the session is TLS."""
+        upstream = self.upstream(REMOTE_NAME)
+        provider = self.provider(
+            REMOTE_NAME, upstream.port, self.ca_file, via=_LoopbackReactor(reactor)
+        )
+        (result,) = await provider.deliver(MESSAGE)
+        assert result.kind is Kind.DELIVERED, result.reply
+        (stored,) = upstream.messages()
+        assert stored["body"] == MESSAGE.body
+
+    async def test_implicit_tls_untrusted_certificate_is_a_temporary_tls_failure(self) -> None:
+        upstream = self.upstream(REMOTE_NAME)
+        other_ca = self.tmp / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(other_ca))
+        provider = self.provider(
+            REMOTE_NAME, upstream.port, other_ca, via=_LoopbackReactor(reactor)
+        )
+        (result,) = await provider.deliver(MESSAGE)
+        assert result.kind is Kind.TEMPORARY
+        assert "tls" in result.reply
         assert SECRET not in result.reply
         assert upstream.messages() == []

@@ -9,6 +9,10 @@ Optional faults: ``--reply-rcpt-4xx-prefix S`` answers "451 4.3.0 try later" to 
 recipient whose address starts with S; ``--reply-data-4xx-every N`` answers the same to every
 Nth DATA (1-based over the life of the process) and does not store that message.
 
+TLS: ``--tls-cert``/``--tls-key`` offer STARTTLS (and require it before MAIL); add
+``--implicit-tls`` to speak TLS from the first byte instead (port 465 style: the listening
+socket is wrapped, no STARTTLS is offered, AUTH is allowed since the whole session is TLS).
+
 What it leaves in DIR:
 
     ready                 written atomically once the socket listens; holds the bound port
@@ -191,18 +195,29 @@ async def serve(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     auth: tuple[str, str] | None = None,
+    implicit_tls: bool = False,
 ) -> None:
     """Serve until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     recorder = Recorder(out, rcpt_4xx_prefix, data_4xx_every)
     options: dict[str, Any] = {}
+    server_ssl: ssl.SSLContext | None = None
     if tls_cert is not None and tls_key is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(tls_cert, tls_key)
-        options.update(tls_context=context, require_starttls=True)
+        if implicit_tls:
+            # TLS is the listening socket's business; aiosmtpd must not offer STARTTLS.
+            server_ssl = context
+        else:
+            options.update(tls_context=context, require_starttls=True)
     if auth is not None:
-        # AUTH is offered only after STARTTLS when TLS is configured (aiosmtpd's default).
-        options.update(authenticator=_Credentials(*auth), auth_require_tls=tls_cert is not None)
+        # AUTH is offered only after STARTTLS when STARTTLS is configured (aiosmtpd's
+        # default). With implicit TLS aiosmtpd does not know the session is TLS (it only
+        # tracks its own STARTTLS), but every byte of it is: allow AUTH.
+        options.update(
+            authenticator=_Credentials(*auth),
+            auth_require_tls=tls_cert is not None and not implicit_tls,
+        )
 
     def factory() -> SMTP:
         return CountingSMTP(
@@ -214,7 +229,7 @@ async def serve(
             **options,
         )
 
-    server = await loop.create_server(factory, host=host, port=port)
+    server = await loop.create_server(factory, host=host, port=port, ssl=server_ssl)
     bound_port: int = server.sockets[0].getsockname()[1]
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -245,9 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM chain: offer STARTTLS")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM key for --tls-cert")
     parser.add_argument("--auth", metavar="USER:PASSWORD", default=None, help="require AUTH")
+    parser.add_argument(
+        "--implicit-tls",
+        action="store_true",
+        help="TLS from the first byte (with --tls-cert/--tls-key), no STARTTLS",
+    )
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "::1"):
         parser.error("only loopback (127.0.0.1 or ::1) is allowed")
+    if args.implicit_tls and (args.tls_cert is None or args.tls_key is None):
+        parser.error("--implicit-tls needs --tls-cert and --tls-key")
     args.out.mkdir(parents=True, exist_ok=True)
     asyncio.run(
         serve(
@@ -259,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             args.tls_cert,
             args.tls_key,
             tuple(args.auth.split(":", 1)) if args.auth else None,
+            args.implicit_tls,
         )
     )
     return 0
@@ -283,9 +306,13 @@ class UpstreamProcess:
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         auth: tuple[str, str] | None = None,
+        implicit_tls: bool = False,
         startup_timeout: float = 10.0,
     ) -> None:
         self._tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+        if implicit_tls and self._tls is None:
+            raise ValueError("implicit_tls needs tls_cert and tls_key")
+        self._implicit_tls = implicit_tls
         self._auth = auth
         self.host = host
         self._requested_port = port
@@ -339,6 +366,8 @@ class UpstreamProcess:
             cmd += ["--reply-data-4xx-every", str(self._data_4xx_every)]
         if self._tls is not None:
             cmd += ["--tls-cert", str(self._tls[0]), "--tls-key", str(self._tls[1])]
+            if self._implicit_tls:
+                cmd.append("--implicit-tls")
         if self._auth is not None:
             cmd += ["--auth", ":".join(self._auth)]
         # Output goes to a file, not a pipe: nobody reads a pipe while the tests run, and a

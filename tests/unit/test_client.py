@@ -9,7 +9,7 @@ import pytest
 from twisted.internet import error
 from twisted.internet.task import Clock
 
-from mailrelay.outbound.client import RelayClient, SessionError
+from mailrelay.outbound.client import NO_8BITMIME, RelayClient, SessionError
 from mailrelay.outbound.payload import build_data_payload
 from mailrelay.outbound.results import Kind, OutboundMessage, RecipientResult
 from tests.unit.fakes import (
@@ -260,6 +260,70 @@ def test_8bit_body_is_announced_when_the_server_offers_8bitmime() -> None:
     assert s.up.take().startswith(b"MAIL FROM:<s@example.test> SIZE=7 BODY=8BITMIME\r\n")
 
 
+@pytest.mark.parametrize("ehlo", [EHLO_PLAIN.replace(b"8BITMIME", b"SIZE 1000"), b"250 up\r\n"])
+def test_8bit_body_is_not_sent_to_a_server_without_8bitmime(ehlo: bytes) -> None:
+    """RFC 6152: temporary for every recipient, so the router tries the next provider."""
+    s = ready_session(ehlo)
+    on_ready: list[RelayClient] = []
+    s.client.on_ready = on_ready.append
+    msg = OutboundMessage("Q", "s@example.test", (A, B), b"caf\xc3\xa9\r\n", body_8bit=True)
+    results = result_of(s.client.send(msg))
+    assert [(r.recipient, r.kind, r.reply) for r in results] == [
+        (A, Kind.TEMPORARY, NO_8BITMIME),
+        (B, Kind.TEMPORARY, NO_8BITMIME),
+    ]
+    assert not any(r.uncertain for r in results)
+    assert s.up.take() == b""  # no MAIL at all
+    # Still ready for the next (7-bit) message, without having reported itself ready again.
+    assert s.client.is_ready
+    assert on_ready == []
+    assert s.client.messages_sent == 0
+    d = s.client.send(message(A))
+    assert s.up.take().startswith(b"MAIL FROM:<sender@example.test>")
+    assert not has_fired(d)
+
+
+@pytest.mark.parametrize(
+    "data_reply",
+    [b"250 2.0.0 Ok: queued as X", b"221 2.0.0 bye", b"235 ok", b"334 VXNlcm5hbWU6", b"600 odd"],
+)
+@pytest.mark.parametrize("ehlo", [EHLO_PIPELINING, EHLO_PLAIN], ids=["pipelined", "one-by-one"])
+def test_a_reply_to_data_other_than_354_4xx_5xx_is_a_protocol_error(
+    data_reply: bytes, ehlo: bytes
+) -> None:
+    """Replies shifted by one: a 250 to DATA must not count as delivered, no body was sent."""
+    s = ready_session(ehlo)
+    d = s.client.send(message(A, B))
+    s.up.take()
+    for reply in (b"250 ok", b"250 ok", b"550 5.1.1 no B", data_reply):
+        s.up.reply(reply + b"\r\n")
+    results = by_recipient(result_of(d))
+    assert (results[A].kind, results[A].uncertain) == (Kind.TEMPORARY, False)
+    assert "DATA" in results[A].reply
+    assert data_reply.decode() in results[A].reply
+    assert (results[B].kind, results[B].reply) == (Kind.PERMANENT, "550 5.1.1 no B")
+    assert b"Subject" not in s.up.take()  # never the body, nor an RSET on a confused session
+    assert s.up.aborted
+    assert not s.client.is_ready
+
+
+@pytest.mark.parametrize(
+    ("data_reply", "kind"),
+    [(b"451 4.3.0 try later", Kind.TEMPORARY), (b"554 5.7.1 not from you", Kind.PERMANENT)],
+)
+def test_data_refused_gives_the_accepted_recipients_its_reply_and_resets(
+    data_reply: bytes, kind: Kind
+) -> None:
+    s = ready_session()
+    d = s.client.send(message(A))
+    s.up.take()
+    s.up.reply(b"250 ok\r\n250 ok\r\n" + data_reply + b"\r\n")
+    [r] = result_of(d)
+    assert (r.kind, r.reply, r.uncertain) == (kind, data_reply.decode(), False)
+    assert s.up.take() == b"RSET\r\n"
+    assert not s.up.aborted
+
+
 @pytest.mark.parametrize(
     ("rcpt_reply", "kind"),
     [
@@ -381,16 +445,62 @@ def test_connection_lost_before_data_is_temporary_and_certain(replies_before_los
     assert not s.client.is_ready
 
 
-def test_a_reply_while_idle_is_ignored() -> None:
-    """Nothing is pending, so there is nothing to answer; the server closes if it means to."""
-    s = ready_session()
-    d = s.client.send(message(A))
-    s.up.reply(b"250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n")
-    result_of(d)
-    s.up.take()
-    s.up.reply(b"250 unsolicited\r\n")
-    assert s.up.take() == b""
+@pytest.mark.parametrize("how", ["ehlo", "auth", "transaction", "rset"])
+def test_a_positive_reply_while_idle_is_ignored(how: str) -> None:
+    """Nothing is pending while ready: an unsolicited reply must not re-run the last step
+    (EHLO parsing, AUTH, RSET) and report the client ready a second time (the pool would
+    hold it twice as idle)."""
+    if how == "auth":
+        s = _auth_session()
+        s.up.reply(EHLO_AUTH)
+        s.up.take()
+        s.up.reply(b"235 2.7.0 ok\r\n")
+        result_of(s.client.ready)
+    else:
+        s = ready_session()
+    if how in ("transaction", "rset"):
+        d = s.client.send(message(A))
+        if how == "transaction":
+            s.up.reply(b"250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n")
+        else:
+            s.up.reply(b"451 4.3.0 later\r\n503 no\r\n503 no\r\n")
+            s.up.reply(b"250 2.0.0 reset\r\n")
+        result_of(d)
     assert s.client.is_ready
+    s.up.take()
+    on_ready: list[RelayClient] = []
+    leaving: list[RelayClient] = []
+    s.client.on_ready = on_ready.append
+    s.client.on_leaving = leaving.append
+    s.up.reply(b"250 unsolicited\r\n250-upstream.test\r\n250 AUTH PLAIN\r\n")
+    assert s.up.take() == b""  # no AUTH again, no QUIT
+    assert s.client.is_ready
+    assert on_ready == [] and leaving == []
+    # The session's extensions are those of the real EHLO: still pipelined.
+    s.client.send(message(A, B))
+    assert len(s.up.transport.writes) == 1
+
+
+@pytest.mark.parametrize("reply", [b"421 4.4.2 idle too long, closing", b"554 5.3.2 going away"])
+def test_an_error_reply_while_idle_means_the_server_is_leaving(reply: bytes) -> None:
+    s = ready_session()
+    leaving: list[RelayClient] = []
+    s.client.on_leaving = leaving.append
+    s.up.reply(reply + b"\r\n")
+    assert s.up.take() == b"QUIT\r\n"
+    assert not s.client.is_ready
+    assert leaving == [s.client]
+    s.up.reply(b"221 bye\r\n")
+    assert s.up.closing
+
+
+def test_idle_timeout_tells_the_pool_the_client_is_leaving() -> None:
+    s = ready_session()
+    leaving: list[RelayClient] = []
+    s.client.on_leaving = leaving.append
+    s.clock.advance(TIMEOUTS["idle_timeout"] + 0.1)
+    assert s.up.take() == b"QUIT\r\n"
+    assert leaving == [s.client]
 
 
 # -- transactions without PIPELINING ----------------------------------------------------------
@@ -598,3 +708,70 @@ def test_starttls_that_cannot_start_fails_at_tls_without_another_ehlo() -> None:
     assert s.session_error().stage == "tls"
     assert s.up.aborted
     assert s.up.take() == b""
+
+
+def test_auth_is_not_attempted_without_a_password() -> None:
+    """An empty password would only count toward the provider's lockout."""
+    s = Session(username="user", password=None, host="127.0.0.1")
+    s.up.reply(b"220 hi\r\n")
+    s.up.take()
+    s.up.reply(EHLO_AUTH)
+    exc = s.session_error()
+    assert exc.stage == "auth"
+    assert s.up.take() == b""
+    assert s.up.aborted
+
+
+# -- implicit TLS -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", [RecordingTransport, TLSTransport])
+def test_implicit_tls_is_secure_from_the_start_auth_to_a_remote_host(
+    transport: type[RecordingTransport],
+) -> None:
+    """The endpoint's TLS wrapper is no ISSLTransport; the session is TLS all the same, so
+    AUTH goes to a non-loopback host, and STARTTLS (offered or not) is never sent."""
+    s = Session(
+        transport=transport(),
+        password=PASSWORD,
+        tls_options=TLS_CONTEXT,
+        tls="implicit",
+        host="smtp.example.com",
+        username="user",
+    )
+    s.up.reply(b"220 smtp.example.com ESMTP\r\n")
+    assert s.up.take() == b"EHLO relay.test\r\n"
+    s.up.reply(b"250-smtp.example.com\r\n250-STARTTLS\r\n250-PIPELINING\r\n250 AUTH PLAIN\r\n")
+    token = base64.b64encode(b"\0user\0" + PASSWORD.encode())
+    assert s.up.take() == b"AUTH PLAIN " + token + b"\r\n"
+    s.up.reply(b"235 2.7.0 ok\r\n")
+    assert result_of(s.client.ready) is s.client
+    assert getattr(s.up.transport, "tls_started_with", []) == []
+
+
+def test_implicit_tls_without_auth_never_sends_starttls() -> None:
+    s = Session(
+        transport=TLSTransport(), tls_options=TLS_CONTEXT, tls="implicit", host="smtp.example.com"
+    )
+    s.up.reply(b"220 hi\r\n")
+    s.up.take()
+    s.up.reply(EHLO_STARTTLS)
+    assert result_of(s.client.ready) is s.client
+    assert s.up.take() == b""
+    assert s.up.transport.tls_started_with == []
+
+
+def test_implicit_tls_connection_lost_during_setup_is_a_connect_failure() -> None:
+    """Only a handshake error (SSL.Error) says "tls"; a plain loss after it is "connect"."""
+    s = Session(tls_options=TLS_CONTEXT, tls="implicit", host="smtp.example.com")
+    s.up.reply(b"220 hi\r\n")
+    s.up.lose(error.ConnectionLost())
+    assert s.session_error().stage == "connect"
+
+
+def test_implicit_tls_handshake_failure_is_a_tls_failure() -> None:
+    from OpenSSL import SSL
+
+    s = Session(tls_options=TLS_CONTEXT, tls="implicit", host="smtp.example.com")
+    s.up.lose(SSL.Error([("SSL routines", "", "certificate verify failed")]))
+    assert s.session_error().stage == "tls"

@@ -12,6 +12,13 @@ steps, with what a relay needs in place of the rest (items of shared/twisted-pit
 - AUTH only after TLS or to a loopback host (22), one attempt (24); session logging off so a
   credential can never reach an error string (23).
 - STARTTLS: bytes the server sent after "220 ready" are an attack, not data: abort (26).
+- Implicit TLS (25): the transport is TLS from the first byte (the pool wraps the endpoint), so
+  the session counts as secure from connectionMade, whatever interfaces the transport declares,
+  and STARTTLS is never tried.
+- While ready, nothing is pending: any reply is unsolicited; a 4xx/5xx means the server is
+  going away (421), so the client leaves; anything else is ignored. A reply to DATA other
+  than 354/4xx/5xx is a protocol error: no body was sent, so nothing counts as delivered.
+- A message with an 8-bit body is never sent to a server without 8BITMIME (RFC 6152).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any, Protocol, cast
 from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport, ITLSTransport
+from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
@@ -34,6 +42,11 @@ from mailrelay.outbound.payload import build_data_payload
 from mailrelay.outbound.results import Kind, OutboundMessage, RecipientResult, kind_of_reply
 
 MAX_REPLY_TEXT = 400
+
+NO_8BITMIME = "upstream does not accept 8-bit mail (no 8BITMIME)"
+
+# Module level: SMTPClient already uses ``self.log`` for its session log (a LineLog).
+_log = Logger(namespace="mailrelay.outbound.client")
 
 
 class SessionError(Exception):
@@ -112,9 +125,14 @@ class RelayClient(smtp.ESMTPClient):
         self.messages_sent = 0
         # Fires with this client once the session is set up, or fails with SessionError.
         self.ready: defer.Deferred[RelayClient] = defer.Deferred()
-        # Set by the pool: called when the client becomes ready again, and when it is gone.
-        self.on_ready: Any = None
-        self.on_closed: Any = None
+        # True once the session was set up: a client that never got there is a failed attempt.
+        self.established = False
+        # Set by the pool: called when the client becomes ready again, when it stops being
+        # ready on its own (QUIT on idle timeout or on a 421, a broken session), and when the
+        # connection is gone.
+        self.on_ready: Callable[[RelayClient], object] | None = None
+        self.on_leaving: Callable[[RelayClient], object] | None = None
+        self.on_closed: Callable[[RelayClient], object] | None = None
 
     @property
     def _transport(self) -> _ClientTransport:
@@ -129,12 +147,35 @@ class RelayClient(smtp.ESMTPClient):
     def is_ready(self) -> bool:
         return self._state is _State.READY
 
+    @property
+    def in_setup(self) -> bool:
+        return self._state is _State.SETUP
+
+    @property
+    def may_serve(self) -> bool:
+        """Ready, busy or still setting up: this connection may yet carry waiting messages."""
+        return self._state in (_State.SETUP, _State.READY, _State.BUSY)
+
+    def _leave(self, state: _State) -> None:
+        """Enter CLOSING or CLOSED; tell the pool when that ends an idle (ready) spell."""
+        was_ready = self._state is _State.READY
+        self._state = state
+        if was_ready and self.on_leaving is not None:
+            self.on_leaving(self)
+
     # -- session setup ------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
         super().connectionMade()
+        if self.provider.tls == "implicit":
+            # The stock client sets _tlsMode only when the transport provides ISSLTransport.
+            # Twisted's TLS wrapper happens to (through INegotiated), but whether the session
+            # is TLS is decided by our config and the endpoint the pool built, not by an
+            # interface declaration: without _tlsMode, AUTH would be refused as "without TLS"
+            # and tryTLS could try STARTTLS inside the TLS session.
+            self._tlsMode = True
 
     def esmtpState_ehlo(self, code: int, resp: bytes) -> None:
         self.setTimeout(self.provider.command_timeout)
@@ -179,11 +220,13 @@ class RelayClient(smtp.ESMTPClient):
         if b"PLAIN" not in mechanisms:
             self._session_failed("auth", "server does not offer AUTH PLAIN")
             return
+        if not self._password:
+            # The pool never connects without a password; an empty one would only count
+            # toward the provider's lockout.
+            self._session_failed("auth", "no password available")
+            return
         token = base64.b64encode(
-            b"\0"
-            + self.provider.username.encode("utf-8")
-            + b"\0"
-            + (self._password or "").encode("utf-8")
+            b"\0" + self.provider.username.encode("utf-8") + b"\0" + self._password.encode("utf-8")
         )
         self._expected = [235]
         self._okresponse = lambda code, resp: self._session_ready()
@@ -194,12 +237,38 @@ class RelayClient(smtp.ESMTPClient):
         self._transport.write(b"AUTH PLAIN " + token + b"\r\n")
 
     def _session_ready(self) -> None:
-        self._state = _State.READY
-        self.setTimeout(self.provider.idle_timeout)
+        self._become_ready()
         if not self.ready.called:
+            self.established = True
             self.ready.callback(self)
         elif self.on_ready is not None:
             self.on_ready(self)
+
+    def _become_ready(self) -> None:
+        self._state = _State.READY
+        self.setTimeout(self.provider.idle_timeout)
+        # Nothing is pending while ready: every reply from now on is unsolicited. Leaving the
+        # previous step's handler in place (AUTH, EHLO, RSET) would run that step again and
+        # report the client ready a second time.
+        self._expected = _ANY_REPLY
+        self._okresponse = self._failresponse = self._unsolicited_reply
+
+    def _unsolicited_reply(self, code: int, resp: bytes) -> None:
+        if 400 <= code < 600:
+            # RFC 5321 3.8: a server going away says 421 and closes; whatever it says, this
+            # session is not worth keeping.
+            _log.info(
+                "provider {provider}: server closing an idle connection: {reply}",
+                provider=self.provider.name,
+                reply=_reply_text(code, resp),
+            )
+            self.quit()
+        else:
+            _log.debug(
+                "provider {provider}: ignoring unsolicited reply {reply}",
+                provider=self.provider.name,
+                reply=_reply_text(code, resp),
+            )
 
     def sendError(self, exc: Exception) -> None:
         """ESMTPClient reports every failure here; classify by type (pitfall 20)."""
@@ -220,14 +289,22 @@ class RelayClient(smtp.ESMTPClient):
 
     def _session_failed(self, stage: str, detail: str) -> None:
         failure = SessionError(stage, detail)
+        # CLOSED first: whoever hears of the failure (the pool, through ``ready`` or a result)
+        # must already see this client as unable to serve.
+        self._leave(_State.CLOSED)
+        self.setTimeout(None)
         if self._transaction is not None:
             self._lose_transaction(f"{stage}: {detail}")
         if not self.ready.called:
             self.ready.errback(failure)
-        self._state = _State.CLOSED
-        self.setTimeout(None)
         if self.transport is not None:
             self._transport.abortConnection()
+
+    def abort(self, detail: str) -> None:
+        """Drop the connection now (shutdown grace expired); a running transaction ends at
+        once with temporary results, uncertain ones if the final dot was sent."""
+        if self._state is not _State.CLOSED:
+            self._session_failed("shutdown", detail)
 
     def timeoutConnection(self) -> None:
         if self._state is _State.READY:
@@ -238,20 +315,23 @@ class RelayClient(smtp.ESMTPClient):
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         super().connectionLost(reason)
         detail = reason.getErrorMessage() if isinstance(reason, Failure) else str(reason)
+        self._leave(_State.CLOSED)  # first, as in _session_failed
         if self._transaction is not None:
             self._lose_transaction(f"connection lost: {detail}")
         if not self.ready.called:
             tls_failed = isinstance(reason, Failure) and reason.check(SSL.Error) is not None
-            stage = "tls" if tls_failed or self._tlsMode else "connect"
+            # After STARTTLS the loss is most likely the handshake; with implicit TLS a failed
+            # handshake shows as an SSL.Error, and any other loss is just a lost connection.
+            started_tls = self._tlsMode and self.provider.tls == "starttls"
+            stage = "tls" if tls_failed or started_tls else "connect"
             self.ready.errback(SessionError(stage, f"connection lost during setup: {detail}"))
-        self._state = _State.CLOSED
         if self.on_closed is not None:
             self.on_closed(self)
 
     def quit(self) -> None:
         if self._state in (_State.CLOSING, _State.CLOSED):
             return
-        self._state = _State.CLOSING
+        self._leave(_State.CLOSING)
         self.setTimeout(self.provider.command_timeout)
         self._expected = _ANY_REPLY
         self._okresponse = self._failresponse = lambda code, resp: self._transport.loseConnection()
@@ -260,8 +340,18 @@ class RelayClient(smtp.ESMTPClient):
     # -- transactions ---------------------------------------------------------------------------
 
     def send(self, message: OutboundMessage) -> defer.Deferred[list[RecipientResult]]:
-        """Send one message over this ready connection; never fails, every outcome is a result."""
+        """Send one message over this ready connection; never fails, every outcome is a result.
+
+        A message this session cannot carry is answered at once, nothing is sent and the
+        client stays ready (``is_ready`` after the call tells the caller so).
+        """
         assert self._state is _State.READY, self._state
+        if message.body_8bit and b"8BITMIME" not in self._extensions:
+            # RFC 6152: 8-bit data only to a server that said 8BITMIME. Temporary, so the
+            # router moves on to a provider that takes it.
+            return defer.succeed(
+                [RecipientResult(r, Kind.TEMPORARY, NO_8BITMIME) for r in message.recipients]
+            )
         self._state = _State.BUSY
         transaction = _Transaction(message)
         self._transaction = transaction
@@ -316,6 +406,16 @@ class RelayClient(smtp.ESMTPClient):
             else:
                 self._result(transaction, recipient, code, resp)
         elif command == "DATA":
+            if code != 354 and not 400 <= code < 600:
+                # Only 354 opens the data phase. A 2xx here (replies shifted by one, a broken
+                # server) would otherwise count as delivered although no body was sent; the
+                # session's state is unknown, so it is dropped and the accepted recipients
+                # stay temporary (the body was never sent: certain, not a possible duplicate).
+                self._session_failed(
+                    "protocol",
+                    f"unexpected reply to DATA instead of 354: {_reply_text(code, resp)}",
+                )
+                return
             if code == 354 and transaction.accepted:
                 # The payload is one write; the reactor drains it while we wait, so the
                 # transfer and the wait for the final reply share one deadline: the transfer
@@ -377,8 +477,7 @@ class RelayClient(smtp.ESMTPClient):
             self.setTimeout(self.provider.command_timeout)
             self._transport.write(b"RSET\r\n")
         else:
-            self._state = _State.READY
-            self.setTimeout(self.provider.idle_timeout)
+            self._become_ready()
         transaction.deferred.callback(results)
         if not reset and self._state is _State.READY and self.on_ready is not None:
             self.on_ready(self)
