@@ -86,6 +86,25 @@ class _LoopbackReactor:
         return getattr(self._real, name)
 
 
+def tls_provider(
+    tls: str, host: str, port: int, ca_file: Path, password_env: str, via: Any = reactor
+) -> SMTPProvider:
+    """A provider with TLS verified against the test CA and AUTH as user "relay"."""
+    config = ProviderConfig(
+        name=tls,
+        kind="smtp",
+        host=host,
+        port=port,
+        tls=tls,  # type: ignore[arg-type]
+        ca_file=str(ca_file),
+        username="relay",
+        password_env=password_env,
+        helo="relay.test",
+        connect_timeout=5,
+    )
+    return SMTPProvider(config, via, Metrics())
+
+
 class StartTLSUpstream(TestCase):
     def setUp(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="mailrelay-tls-"))
@@ -111,19 +130,7 @@ class StartTLSUpstream(TestCase):
         return upstream
 
     def provider(self, port: int, ca_file: Path, password_env: str = PASSWORD_ENV) -> SMTPProvider:
-        config = ProviderConfig(
-            name="tls",
-            kind="smtp",
-            host="127.0.0.1",
-            port=port,
-            tls="starttls",
-            ca_file=str(ca_file),
-            username="relay",
-            password_env=password_env,
-            helo="relay.test",
-            connect_timeout=5,
-        )
-        provider = SMTPProvider(config, reactor, Metrics())
+        provider = tls_provider("starttls", "127.0.0.1", port, ca_file, password_env)
         self.addCleanup(provider.close)
         return provider
 
@@ -197,19 +204,7 @@ class ImplicitTLSUpstream(TestCase):
         return upstream
 
     def provider(self, host: str, port: int, ca_file: Path, via: Any = reactor) -> SMTPProvider:
-        config = ProviderConfig(
-            name="implicit",
-            kind="smtp",
-            host=host,
-            port=port,
-            tls="implicit",
-            ca_file=str(ca_file),
-            username="relay",
-            password_env=PASSWORD_ENV,
-            helo="relay.test",
-            connect_timeout=5,
-        )
-        provider = SMTPProvider(config, via, Metrics())
+        provider = tls_provider("implicit", host, port, ca_file, PASSWORD_ENV, via)
         self.addCleanup(provider.close)
         return provider
 

@@ -21,7 +21,6 @@ What the stock class gets wrong for a relay, and what this class does instead
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from enum import Enum, auto
 from typing import Any, Protocol, cast
 
@@ -33,6 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.address import AddressError, MailCommand, parse_mail, parse_rcpt
+from mailrelay.clock import InjectedClockTimeouts
 from mailrelay.config import SMTPConfig
 from mailrelay.inbound.delivery import IIncomingMessage, IRelayDelivery, Transaction
 from mailrelay.metrics import Metrics
@@ -96,7 +96,7 @@ class _ServerTransport(Protocol):
 
 
 @implementer(IPushProducer)
-class RelayESMTP(smtp.ESMTP):
+class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
     log = Logger()
 
     def __init__(
@@ -138,10 +138,6 @@ class RelayESMTP(smtp.ESMTP):
     def _transport(self) -> _ServerTransport:
         assert self.transport is not None, "used only while connected"
         return cast(_ServerTransport, self.transport)
-
-    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
-        # TimeoutMixin schedules through this: route it to the injected clock.
-        return self._clock.callLater(period, func)
 
     # -- connection -------------------------------------------------------------------------
 

@@ -31,11 +31,12 @@ from typing import Any, Protocol, cast
 
 from OpenSSL import SSL
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport, ITLSTransport
+from twisted.internet.interfaces import IReactorTime, ITCPTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
+from mailrelay.clock import InjectedClockTimeouts
 from mailrelay.config import ProviderConfig
 from mailrelay.netaddr import is_loopback_host
 from mailrelay.outbound.payload import build_data_payload
@@ -97,7 +98,7 @@ class _ClientTransport(Protocol):
 _ANY_REPLY: Any = range(0, 1000)
 
 
-class RelayClient(smtp.ESMTPClient):
+class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
     debug = False  # the stock session log would keep the AUTH line (pitfall 23)
 
     def __init__(
@@ -138,10 +139,6 @@ class RelayClient(smtp.ESMTPClient):
     def _transport(self) -> _ClientTransport:
         assert self.transport is not None, "used only while connected"
         return cast(_ClientTransport, self.transport)
-
-    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
-        # TimeoutMixin schedules through this: route it to the injected clock.
-        return self._clock.callLater(period, func)
 
     @property
     def is_ready(self) -> bool:
