@@ -231,6 +231,24 @@ def test_setup_failure_with_no_live_connection_fails_every_waiting_message(failu
     assert p.attempts == 2  # no reconnecting after the failed setups
 
 
+def test_message_arriving_while_a_failed_connection_closes_is_not_stranded() -> None:
+    """Between a failed setup and the transport reporting the loss, the dead connection
+    still fills the pool; a message arriving then must get a fresh attempt once it is gone."""
+    p = Pool(connections=1)
+    first = p.provider.deliver(msg(1))
+    up = p.accept()
+    up.reply(b"421 4.3.2 too busy\r\n")
+    assert result_of(first)[0].kind is Kind.TEMPORARY
+    second = p.provider.deliver(msg(2))  # the dead connection still counts: no attempt yet
+    assert p.attempts == 1
+    up.lose(error.ConnectionAborted())
+    assert p.attempts == 2  # a fresh attempt for the message that waits
+    again = p.open()
+    sent(again)
+    finish(again)
+    assert result_of(second)[0].kind is Kind.DELIVERED
+
+
 def test_first_setup_failure_waits_for_the_other_attempt() -> None:
     p = Pool(connections=2)
     ds = [p.provider.deliver(msg(n)) for n in (1, 2)]

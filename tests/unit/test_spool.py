@@ -420,3 +420,23 @@ def test_crash_between_the_two_renames_of_a_move_keeps_the_journal_with_its_mess
     assert spool.remove_orphan_journals() == 1
     assert files(spool.queue) == []
     assert files(spool.failed) == sorted([QID, QID + JOURNAL_SUFFIX])
+
+
+def test_flipped_length_field_is_damage_not_a_torn_tail() -> None:
+    """A length that points past the end looks truncated, but whole records follow it."""
+    one = _journal_bytes([outcome("a@x.test")])
+    data = bytearray(_journal_bytes([outcome(r) for r in ("a@x.test", "b@x.test", "c@x.test")]))
+    second = len(one)  # the second record starts where a one-record journal ends
+    assert data[second : second + 1] == b"R"
+    data[second + 2] ^= 0x40  # the length field (u32 after the tag) now points past the end
+    read = read_journal(bytes(data))
+    assert len(read.outcomes) == 1
+    assert read.damaged
+
+
+def test_every_torn_tail_is_silent() -> None:
+    data = _journal_bytes([outcome("a@example.test"), outcome("b@example.test")])
+    one = len(_journal_bytes([outcome("a@example.test")]))
+    for cut in range(one + 1, len(data)):
+        read = read_journal(data[:cut])
+        assert len(read.outcomes) == 1 and not read.damaged, cut

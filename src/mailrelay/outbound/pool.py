@@ -249,8 +249,10 @@ class SMTPProvider:
         self._client_leaving(client)
         if self._closing:
             self._maybe_closed()
-        elif client.established:
-            # A slot is free. Not after a failed setup: that failure was handled already, and
+        elif client.established or (self._waiting and not self._may_serve()):
+            # A slot is free. After a failed setup only when messages arrived meanwhile and
+            # nothing else could serve them (they would wait forever): one fresh attempt,
+            # whose failure answers them. Otherwise the failure was handled already, and
             # reconnecting here would hammer a failing upstream while another connection lives.
             self._dispatch()
 

@@ -211,8 +211,28 @@ def read_journal(data: bytes) -> JournalRead:
             outcomes.append(Outcome.from_json(payload))
             end = record_end
     except CorruptSpoolFile as e:
-        return JournalRead(outcomes, end, damaged="truncated" not in str(e))
+        # A torn tail is the end of the file: no whole record can follow it. A flipped bit
+        # in a length field also reads as "truncated", but whole records still follow.
+        torn = "truncated" in str(e) and not _whole_record_after(data, end)
+        return JournalRead(outcomes, end, damaged=not torn)
     return JournalRead(outcomes, end, False)
+
+
+def _whole_record_after(data: bytes, start: int) -> bool:
+    """Is there a checksum-valid outcome record anywhere after ``start``? (Journals are
+    small, and this runs only on a damaged one.)"""
+    view = memoryview(data)
+    last = len(data) - _HEADER.size - _CRC.size
+    for offset in range(start + 1, last + 1):
+        tag, length = _HEADER.unpack_from(data, offset)
+        end = offset + _HEADER.size + length
+        if tag != TAG_OUTCOME or end + _CRC.size > len(data):
+            continue
+        (crc,) = _CRC.unpack_from(data, end)
+        body_start = offset + _HEADER.size
+        if crc == zlib.crc32(view[body_start:end], zlib.crc32(view[offset:body_start])):
+            return True
+    return False
 
 
 def decode_journal(data: bytes) -> list[Outcome]:
