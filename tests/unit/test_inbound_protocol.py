@@ -21,7 +21,7 @@ from twisted.mail import smtp
 
 from mailrelay.config import SMTPConfig
 from mailrelay.inbound.delivery import RelayDelivery, Transaction
-from mailrelay.inbound.protocol import RelayESMTP
+from mailrelay.inbound.protocol import CLOSE_GRACE, RelayESMTP
 from mailrelay.spool.store import MessageWriter, Spool, SpoolWriteError
 
 from .helpers_inbound import (
@@ -1190,3 +1190,30 @@ def test_rejected_message_counts_toward_the_error_budget(session: SessionMaker) 
     s.send(b"bare\nLF\r\n.\r\n")
     assert s.codes() == ["550 5.5.2", "421 4.7.0"]
     assert s.closed
+
+
+def test_closed_session_whose_client_never_reads_is_aborted_after_a_grace(
+    session: SessionMaker,
+) -> None:
+    """loseConnection waits for our replies to drain; a client that never reads must not
+    keep the connection and its slot forever."""
+    s = session()
+    s.send(b"QUIT\r\n")
+    assert s.codes() == ["221 2.0.0"]
+    assert not s.transport.disconnected  # still flushing, as far as the transport knows
+    s.clock.advance(CLOSE_GRACE)
+    assert s.transport.disconnected  # aborted
+
+
+def test_commit_that_never_answers_after_the_deadline_ends_in_an_abort_without_reply(
+    session: SessionMaker,
+) -> None:
+    runner = ManualRunner()
+    s = session(smtp_config(session_timeout=30, idle_timeout=10), runner=runner)
+    s.start_data()
+    s.send(b"hello\r\n.\r\n")
+    s.clock.advance(31)  # deadline passes while the fsync is pending: held
+    assert s.replies() == [] and not s.transport.disconnected
+    s.clock.advance(10)  # the fsync never returns
+    assert s.replies() == []  # no 421 that a late 250 could contradict
+    assert s.transport.disconnected

@@ -41,6 +41,7 @@ from mailrelay.spool.store import SpoolWriteError
 COMMAND_LINE_MAX = 512  # octets with CRLF, RFC 5321 4.5.3.1.4
 TEXT_LINE_MAX = 1000  # octets with CRLF, RFC 5321 4.5.3.1.6
 HELO_MAX = 255
+CLOSE_GRACE = 30.0  # seconds a closing session may take to flush its last replies
 
 _HTTP_METHODS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"CONNECT"})
 _NOT_IMPLEMENTED = frozenset(
@@ -91,6 +92,7 @@ class _ServerTransport(Protocol):
     def getPeer(self) -> IAddress: ...
     def pauseProducing(self) -> None: ...
     def resumeProducing(self) -> None: ...
+    def abortConnection(self) -> None: ...
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
     def unregisterProducer(self) -> None: ...
 
@@ -125,6 +127,8 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
         self._producing = False  # registered with the transport as the producer of replies
         self._processing = False  # inside _process_input (guards against re-entry)
         self._expired = False  # the session deadline passed while a reply was pending
+        # Last resort: abort a session that neither finishes closing nor answers in time.
+        self._abort_call: IDelayedCall | None = None
         self._errors = 0
         self._deadline: IDelayedCall | None = None
         self._helo_name: str | None = None
@@ -158,6 +162,7 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+        self._cancel_abort()
         self.setTimeout(None)
         factory = getattr(self, "factory", None)
         if factory is not None and hasattr(factory, "connectionClosed"):
@@ -172,8 +177,30 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
             # A 421 now, then the commit completing, would queue a message the client was told
             # to retry (a duplicate). Close right after the pending reply instead (_wait_for).
             self._expired = True
+            # If the reply never comes (a hung fsync), the session must still end: abort
+            # without a reply; the client treats it as a lost connection and retries.
+            self._abort_after(self._config.idle_timeout)
             return
         self._close(421, "4.4.2", f"{self._config.hostname} Session too long, closing connection")
+
+    def _abort_after(self, seconds: float) -> None:
+        self._cancel_abort()
+        self._abort_call = self._clock.callLater(seconds, self._abort)
+
+    def _cancel_abort(self) -> None:
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        self.log.warn(
+            "aborting SMTP session with {peer}: it did not end in time", peer=self._peer()
+        )
+        self._mode = _Mode.CLOSED
+        self._buffer = b""
+        self._unregister_producer()
+        self._transport.abortConnection()
 
     def _close(self, code: int, status: str, text: str) -> None:
         if self._mode is _Mode.CLOSED:
@@ -190,6 +217,9 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
         # A TCP transport does not close while a producer is registered.
         self._unregister_producer()
         self._transport.loseConnection()
+        # loseConnection waits for our replies to be sent; a client that never reads would
+        # keep the connection (and its slot) forever.
+        self._abort_after(CLOSE_GRACE)
 
     def _reply(self, code: int, status: str | None, text: str) -> None:
         if self._mode is _Mode.CLOSED:
