@@ -62,6 +62,12 @@ class SpoolConfig:
     retry_initial: float = 300.0
     retry_max: float = 3600.0
     max_lifetime: float = 5 * 24 * 3600.0
+    # Below this many free bytes on the spool's filesystem, MAIL is refused (452 4.3.1) so the
+    # disk never fills in the middle of a message; 0 turns the check off.
+    min_free_space: int = 100 * 1024 * 1024
+    # "dsn": a permanently failed recipient is reported to the sender (RFC 3464) and the
+    # message removed; "deadletter": the message is kept in failed/ and nobody is told.
+    bounce: Literal["dsn", "deadletter"] = "dsn"
 
 
 @attrs.frozen
@@ -230,6 +236,8 @@ def _parse_spool(t: Mapping[str, Any], key: str) -> SpoolConfig:
         retry_initial=retry_initial,
         retry_max=retry_max,
         max_lifetime=_seconds(t, "max_lifetime", key, d.max_lifetime),
+        min_free_space=_int(t, "min_free_space", key, d.min_free_space, minimum=0),
+        bounce=_choice(t, "bounce", key, d.bounce, ("dsn", "deadletter")),  # type: ignore[arg-type]
     )
 
 

@@ -34,7 +34,7 @@ class Metrics:
         )
         self.messages_rejected = Counter(
             "mailrelay_messages_rejected_total",
-            "Transactions refused at DATA or the final dot, by reason.",
+            "Transactions refused at MAIL, DATA or the final dot, by reason.",
             ["reason"],
             registry=r,
         )
@@ -68,6 +68,11 @@ class Metrics:
         self.messages_failed = Counter(
             "mailrelay_messages_failed_total",
             "Messages moved to the dead-letter area with at least one failed recipient.",
+            registry=r,
+        )
+        self.messages_bounced = Counter(
+            "mailrelay_messages_bounced_total",
+            "Messages with a permanently failed recipient for which a DSN was sent to the sender.",
             registry=r,
         )
         self.possible_duplicates = Counter(

@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailrelay.bounce import build_dsn
 from mailrelay.metrics import Metrics
 from mailrelay.outbound.results import Kind, OutboundMessage
 from mailrelay.outbound.router import RoutedResult, Router
@@ -57,6 +58,12 @@ def _attempts_in_journal(journal: list[Outcome], pending: tuple[str, ...]) -> in
     return max(counts, default=0)
 
 
+async def _spool_dsn(spool: Spool, envelope: Envelope, dsn: bytes) -> str:
+    writer = spool.open_writer(envelope)
+    writer.write(dsn)
+    return await writer.commit()
+
+
 def _removable(envelope: Envelope, final: dict[str, Outcome]) -> bool:
     """Every recipient delivered: the message can leave the spool with no record kept."""
     return all(r in final and final[r].status is Status.DELIVERED for r in envelope.recipients)
@@ -74,7 +81,10 @@ class DeliveryQueue:
         metrics: Metrics,
         max_in_flight: int = 64,
         rand: Callable[[], float] = random.random,
+        reporting_mta: str | None = None,
     ) -> None:
+        """``reporting_mta``: the host name DSNs are sent from; None keeps every permanently
+        failed message in failed/ instead (dead letters, no bounce)."""
         self._clock = clock
         self._spool = spool
         self._router = router
@@ -82,6 +92,7 @@ class DeliveryQueue:
         self._metrics = metrics
         self._max_in_flight = max_in_flight
         self._rand = rand
+        self._reporting_mta = reporting_mta
         self._ready: deque[str] = deque()
         self._deferred: list[tuple[float, str]] = []
         self._active: dict[str, defer.Deferred[None]] = {}
@@ -232,7 +243,7 @@ class DeliveryQueue:
 
         still_pending = [r for r in pending if r not in final]
         if not still_pending:
-            await self._finish(envelope, final)
+            await self._finish(envelope, final, stored.body)
             return
         self._attempts[queue_id] += 1
         age = self._clock.seconds() - envelope.received_at
@@ -255,7 +266,7 @@ class DeliveryQueue:
                 count=len(expired),
             )
             final.update({o.recipient: o for o in expired})
-            await self._finish(envelope, final)
+            await self._finish(envelope, final, stored.body)
             return
         delay = self._policy.delay(self._attempts[queue_id], self._rand)
         self.log.info(
@@ -311,10 +322,25 @@ class DeliveryQueue:
                         recipient=result.recipient,
                     )
 
-    async def _finish(self, envelope: Envelope, final: dict[str, Outcome]) -> None:
+    async def _finish(self, envelope: Envelope, final: dict[str, Outcome], body: bytes) -> None:
         queue_id = envelope.queue_id
         self._attempts.pop(queue_id, None)
         failed = [o for o in final.values() if o.status is Status.FAILED]
+        if failed and self._reporting_mta is not None and envelope.sender:
+            # The DSN is durable in the spool before the original goes: it carries the reasons.
+            # (Never to the null sender: a failing bounce is never bounced again.)
+            dsn_id = await self._bounce(envelope, failed, body, self._reporting_mta)
+            await self._spool.remove(queue_id)
+            self._metrics.messages_bounced.inc()
+            self.log.warn(
+                "{queue_id} bounced: {count} recipient(s) failed permanently; DSN {dsn_id} to"
+                " <{sender}>",
+                queue_id=queue_id,
+                count=len(failed),
+                dsn_id=dsn_id,
+                sender=envelope.sender,
+            )
+            return
         if failed:
             await self._spool.move_to_failed(queue_id)
             self._metrics.messages_failed.inc()
@@ -330,3 +356,20 @@ class DeliveryQueue:
                 max(0.0, self._clock.seconds() - envelope.received_at)
             )
             self.log.info("{queue_id} done: every recipient delivered", queue_id=queue_id)
+
+    async def _bounce(
+        self, envelope: Envelope, failed: list[Outcome], body: bytes, reporting_mta: str
+    ) -> str:
+        now = self._clock.seconds()
+        dsn_envelope = Envelope(
+            queue_id=self._spool.new_queue_id(),
+            sender="",
+            recipients=(envelope.sender,),
+            received_at=now,
+            client="mailrelay",
+            helo=reporting_mta,
+        )
+        dsn = build_dsn(envelope, failed, body, reporting_mta, now)
+        queue_id = await _spool_dsn(self._spool, dsn_envelope, dsn)
+        self.enqueue(dsn_envelope)
+        return queue_id

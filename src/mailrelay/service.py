@@ -22,6 +22,7 @@ from twisted.python.threadpool import ThreadPool
 from mailrelay import __version__
 from mailrelay.blocking import BlockingRunner, ThreadRunner
 from mailrelay.config import Config, ConfigError, ProviderConfig, load
+from mailrelay.diskspace import FreeSpace
 from mailrelay.inbound.factory import RelaySMTPFactory
 from mailrelay.metrics import Metrics
 from mailrelay.outbound.maildir import MaildirProvider
@@ -153,11 +154,25 @@ def buildService(
         maximum=config.spool.retry_max,
         lifetime=config.spool.max_lifetime,
     )
-    queue = DeliveryQueue(reactor, spool, router, policy, metrics)
+    queue = DeliveryQueue(
+        reactor,
+        spool,
+        router,
+        policy,
+        metrics,
+        reporting_mta=config.smtp.hostname if config.spool.bounce == "dsn" else None,
+    )
     metrics.watch_queue(queue.depth)
     _QueueService(queue).setServiceParent(top)
 
-    factory = RelaySMTPFactory(config.smtp, reactor, spool, queue.enqueue, metrics)
+    free_space = (
+        FreeSpace(config.spool.path, config.spool.min_free_space, reactor)
+        if config.spool.min_free_space > 0
+        else None
+    )
+    factory = RelaySMTPFactory(
+        config.smtp, reactor, spool, queue.enqueue, metrics, free_space=free_space
+    )
     for description in _listen_endpoints(config):
         strports.service(description, factory).setServiceParent(top)
     site = build_site(reactor, reactor.seconds(), queue.depth, metrics)

@@ -2,10 +2,12 @@
 
 A ``Session`` is one connection: the real factory (loopback gate included), a ``StringTransport``
 carrying the peer address, a ``task.Clock`` and a real ``Spool`` in a temporary directory.
+``StatvfsStub`` stands in for ``os.statvfs`` behind a ``FreeSpace`` check.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from twisted.internet.testing import StringTransport
 
 from mailrelay.blocking import BlockingRunner, InlineRunner
 from mailrelay.config import SMTPConfig
+from mailrelay.diskspace import FreeSpace
 from mailrelay.inbound.factory import RelaySMTPFactory
 from mailrelay.inbound.protocol import RelayESMTP
 from mailrelay.metrics import Metrics
@@ -158,25 +161,67 @@ class SmallBufferTransport(StringTransport):
             self.producer.resumeProducing()
 
 
+class StatvfsStub:
+    """A stand-in for ``os.statvfs`` (monkeypatch it in): reports ``free`` bytes available to
+    unprivileged users, or raises ``error``; records the path of every call.
+
+    ``f_bsize`` and ``f_bfree`` are deliberately different from ``f_frsize`` and ``f_bavail``,
+    so a check that multiplies the wrong fields gets the wrong answer.
+    """
+
+    def __init__(self, free: int, frsize: int = 4096) -> None:
+        self.free = free
+        self.frsize = frsize
+        self.error: OSError | None = None
+        self.calls: list[str] = []
+
+    def __call__(self, path: str | os.PathLike[str]) -> os.statvfs_result:
+        self.calls.append(os.fspath(path))
+        if self.error is not None:
+            raise self.error
+        assert self.free % self.frsize == 0, "free must be whole fragments"
+        bavail = self.free // self.frsize
+        return os.statvfs_result(
+            (self.frsize * 16, self.frsize, bavail * 4, bavail * 2, bavail, 1000, 900, 800, 0, 255)
+        )
+
+
 class RecordingFactory(RelaySMTPFactory):
     """The real factory, keeping what it was built with where tests can reach it."""
 
-    def __init__(self, root: Path, config: SMTPConfig, runner: BlockingRunner) -> None:
+    def __init__(
+        self,
+        root: Path,
+        config: SMTPConfig,
+        runner: BlockingRunner,
+        free_space: FreeSpace | None = None,
+    ) -> None:
         self.spool = Spool(root / "spool", runner)
         self.spool.prepare()
         self.clock = Clock()
         self.metrics = Metrics()
         self.accepted: list[Envelope] = []
-        super().__init__(config, self.clock, self.spool, self.accepted.append, self.metrics)
+        super().__init__(
+            config,
+            self.clock,
+            self.spool,
+            self.accepted.append,
+            self.metrics,
+            free_space=free_space,
+        )
 
 
 def make_factory(
-    root: Path, config: SMTPConfig | None = None, runner: BlockingRunner | None = None
+    root: Path,
+    config: SMTPConfig | None = None,
+    runner: BlockingRunner | None = None,
+    free_space: FreeSpace | None = None,
 ) -> RecordingFactory:
     return RecordingFactory(
         root,
         config if config is not None else smtp_config(),
         runner if runner is not None else InlineRunner(),
+        free_space,
     )
 
 
@@ -186,9 +231,10 @@ def open_session(
     peer: IAddress = LOCAL_V4,
     runner: BlockingRunner | None = None,
     transport: StringTransport | None = None,
+    free_space: FreeSpace | None = None,
 ) -> Session:
     """Build the protocol through the real factory and connect it to a StringTransport."""
-    factory = make_factory(root, config, runner)
+    factory = make_factory(root, config, runner, free_space)
     proto = factory.buildProtocol(peer)
     assert isinstance(proto, RelayESMTP), f"factory refused {peer}"
     if transport is None:

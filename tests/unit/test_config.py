@@ -33,6 +33,18 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
     assert config.source == str(path) and config.spool.path == "spool"
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", 104_857_600),  # 100 MiB
+        ("[spool]\nmin_free_space = 1073741824\n", 1_073_741_824),
+        ("[spool]\nmin_free_space = 0\n", 0),  # the check is off
+    ],
+)
+def test_spool_min_free_space(text: str, expected: int) -> None:
+    assert parse_text(text).spool.min_free_space == expected
+
+
 def test_providers_without_routing_chain_in_written_order() -> None:
     config = parse_text(
         "[[providers]]\nname='a'\nhost='127.0.0.1'\ntls='none'\n"
@@ -79,6 +91,11 @@ def test_implicit_tls_defaults_to_port_465() -> None:
             "spool.retry_max: must not be less than spool.retry_initial",
         ),
         ("[spool]\npath = ''\n", "spool.path: must not be empty"),
+        ("[spool]\nbounce = 'never'\n", "spool.bounce: must be one of dsn, deadletter"),
+        ("[spool]\nmin_free_space = -1\n", "spool.min_free_space: must be at least 0"),
+        ("[spool]\nmin_free_space = '100M'\n", "spool.min_free_space: must be an integer"),
+        ("[spool]\nmin_free_space = 1.5e8\n", "spool.min_free_space: must be an integer"),
+        ("[spool]\nmin_free_space = true\n", "spool.min_free_space: must be an integer"),
         ("providers = []\n", "providers: must be a non-empty array of tables"),
         ("[[providers]]\nhost = 'x'\n", "providers[0].name: required"),
         ("[[providers]]\nname = 'a b'\nhost = 'x'\n", "providers[0].name: use letters"),
@@ -176,6 +193,7 @@ def test_rendered_config_parses_back_to_the_same_values() -> None:
     )
     rendered = render_config(config)
     assert "# NOT SET in this environment" in rendered
+    assert "min_free_space = 104857600" in rendered
     again = parse(tomllib.loads(rendered))
     assert again.providers == config.providers
     assert again.smtp == config.smtp and again.spool == config.spool

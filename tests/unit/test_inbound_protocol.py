@@ -16,10 +16,12 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.mail import smtp
 
 from mailrelay.config import SMTPConfig
+from mailrelay.diskspace import CACHE_SECONDS, FreeSpace
 from mailrelay.inbound.delivery import RelayDelivery, Transaction
 from mailrelay.inbound.protocol import CLOSE_GRACE, RelayESMTP
 from mailrelay.spool.store import MessageWriter, Spool, SpoolWriteError
@@ -30,6 +32,7 @@ from .helpers_inbound import (
     ManualRunner,
     Session,
     SmallBufferTransport,
+    StatvfsStub,
     make_factory,
     open_session,
     smtp_config,
@@ -40,15 +43,24 @@ SessionMaker = Callable[..., Session]
 
 @pytest.fixture
 def session(tmp_path: Path) -> SessionMaker:
-    """``session(config=..., peer=..., runner=..., transport=...)`` opens a session on tmp_path."""
+    """``session(config=..., peer=..., runner=..., transport=..., free_space=...)`` opens a
+    session on tmp_path."""
 
     def make(
         config: SMTPConfig | None = None,
         peer: IAddress = LOCAL_V4,
         runner: Any = None,
         transport: StringTransport | None = None,
+        free_space: FreeSpace | None = None,
     ) -> Session:
-        s = open_session(tmp_path, config=config, peer=peer, runner=runner, transport=transport)
+        s = open_session(
+            tmp_path,
+            config=config,
+            peer=peer,
+            runner=runner,
+            transport=transport,
+            free_space=free_space,
+        )
         assert s.replies() == [f"220 {HOSTNAME} ESMTP mailrelay"]
         return s
 
@@ -874,6 +886,127 @@ def test_content_over_the_limit_is_refused_at_the_dot_and_not_spooled(
         assert s.replies() == ["552 5.3.4 Message size exceeds fixed maximum message size"]
         assert s.queue_files() == [] and s.tmp_files() == []
         assert _rejected(s, "too_big") == 1
+
+
+# -- free space on the spool's filesystem -------------------------------------------------------
+
+FLOOR = 100 * 1024 * 1024
+
+
+@pytest.fixture
+def statvfs(monkeypatch: pytest.MonkeyPatch) -> StatvfsStub:
+    stub = StatvfsStub(free=FLOOR * 2)
+    monkeypatch.setattr(os, "statvfs", stub)
+    return stub
+
+
+def test_mail_gets_452_when_free_space_is_below_the_floor_and_the_session_goes_on(
+    session: SessionMaker, statvfs: StatvfsStub, tmp_path: Path
+) -> None:
+    statvfs.free = FLOOR - 4096
+    s = session(free_space=FreeSpace(tmp_path, FLOOR, Clock()))
+    s.send(b"EHLO c\r\n")
+    s.replies()
+    s.send(b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nhello\r\n.\r\nNOOP\r\n")
+    replies = s.replies()
+    assert replies[0] == "452 4.3.1 Insufficient system storage"
+    # No transaction was started: what the client pipelined after it is refused in turn (the
+    # text as unknown commands), and the session goes on.
+    assert [" ".join(r.split(" ")[:2]) for r in replies[1:]] == [
+        "503 5.5.1",  # RCPT
+        "503 5.5.1",  # DATA
+        "500 5.5.2",  # hello
+        "500 5.5.2",  # .
+        "250 2.0.0",  # NOOP
+    ]
+    assert not s.closed
+    assert s.queue_files() == [] and s.tmp_files() == [] and s.accepted == []
+    assert _rejected(s, "low_disk") == 1
+
+
+def test_mail_is_accepted_when_free_space_is_above_the_floor(
+    session: SessionMaker, statvfs: StatvfsStub, tmp_path: Path
+) -> None:
+    statvfs.free = FLOOR
+    s = session(free_space=FreeSpace(tmp_path, FLOOR, Clock()))
+    s.start_data()
+    s.send(b"hello\r\n.\r\n")
+    assert s.codes() == ["250 2.0.0"]
+    assert len(s.queue_files()) == 1
+    assert statvfs.calls == [str(tmp_path)]
+    assert _rejected(s, "low_disk") == 0
+
+
+@pytest.mark.parametrize(("size", "accepted"), [(4096, True), (4097, False)])
+def test_declared_size_that_would_leave_less_than_the_floor_gets_452(
+    session: SessionMaker, statvfs: StatvfsStub, tmp_path: Path, size: int, accepted: bool
+) -> None:
+    statvfs.free = FLOOR + 4096
+    s = session(free_space=FreeSpace(tmp_path, FLOOR, Clock()))
+    s.send(b"EHLO c\r\nMAIL FROM:<a@b.c> SIZE=%d\r\n" % size)
+    expected = "250 2.1.0" if accepted else "452 4.3.1"
+    assert s.codes()[-1] == expected
+    assert _rejected(s, "low_disk") == (0 if accepted else 1)
+    assert s.tmp_files() == []
+
+
+def test_low_disk_counts_toward_the_error_budget(
+    session: SessionMaker, statvfs: StatvfsStub, tmp_path: Path
+) -> None:
+    statvfs.free = 0
+    s = session(smtp_config(max_errors=2), free_space=FreeSpace(tmp_path, FLOOR, Clock()))
+    s.send(b"EHLO c\r\nMAIL FROM:<a@b.c>\r\nMAIL FROM:<a@b.c>\r\n")
+    assert s.codes()[-2:] == ["452 4.3.1", "421 4.7.0"]
+    assert _rejected(s, "low_disk") == 2
+
+
+def test_free_space_is_checked_after_syntax_and_size_and_before_the_sender(
+    session: SessionMaker, statvfs: StatvfsStub, tmp_path: Path
+) -> None:
+    statvfs.free = 0
+    s = session(smtp_config(max_message_size=2000), free_space=FreeSpace(tmp_path, FLOOR, Clock()))
+    s.send(b"MAIL FROM:<a@b.c>\r\nEHLO c\r\n")
+    s.replies()
+    s.send(b"MAIL FROM:<a@b.c\r\nMAIL FROM:<a@b.c> SIZE=2001\r\n")
+    assert s.codes() == ["501 5.5.4", "552 5.3.4"]
+    assert statvfs.calls == []  # refused before the disk was asked
+    s.send(b"MAIL FROM:<a@b.c>\r\n")
+    assert s.codes() == ["452 4.3.1"]
+
+
+def test_mail_is_accepted_again_once_space_is_freed_and_the_cache_expires(
+    session: SessionMaker, statvfs: StatvfsStub, tmp_path: Path
+) -> None:
+    clock = Clock()
+    statvfs.free = 0
+    s = session(free_space=FreeSpace(tmp_path, FLOOR, clock))
+    s.send(b"EHLO c\r\nMAIL FROM:<a@b.c>\r\n")
+    assert s.codes()[-1] == "452 4.3.1"
+    statvfs.free = FLOOR * 2
+    s.send(b"MAIL FROM:<a@b.c>\r\n")
+    assert s.codes() == ["452 4.3.1"]  # within the second: the cached answer
+    clock.advance(CACHE_SECONDS)
+    s.start_data()
+    s.send(b"hello\r\n.\r\n")
+    assert s.codes() == ["250 2.0.0"]
+    assert len(statvfs.calls) == 2
+
+
+def test_statvfs_failure_does_not_stop_mail(
+    session: SessionMaker, statvfs: StatvfsStub, tmp_path: Path
+) -> None:
+    statvfs.error = OSError(errno.EACCES, "Permission denied")
+    s = session(free_space=FreeSpace(tmp_path, FLOOR, Clock()))
+    s.start_data()
+    s.send(b"hello\r\n.\r\n")
+    assert s.codes() == ["250 2.0.0"]
+
+
+def test_without_free_space_there_is_no_check(session: SessionMaker, statvfs: StatvfsStub) -> None:
+    statvfs.free = 0
+    s = session()  # min_free_space = 0: the factory gets no FreeSpace
+    s.start_mail()
+    assert statvfs.calls == []
 
 
 def test_third_recipient_over_max_recipients_gets_452_and_the_first_two_are_kept(

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 
 from mailrelay.config import SMTPConfig
+from mailrelay.diskspace import FreeSpace
 from mailrelay.inbound.delivery import RelayDelivery
 from mailrelay.inbound.protocol import RelayESMTP
 from mailrelay.metrics import Metrics
@@ -48,6 +49,7 @@ class RelaySMTPFactory(smtp.SMTPFactory):
         spool: Spool,
         on_accepted: Callable[[Envelope], None],
         metrics: Metrics,
+        free_space: FreeSpace | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -56,6 +58,8 @@ class RelaySMTPFactory(smtp.SMTPFactory):
         self._spool = spool
         self._on_accepted = on_accepted
         self._metrics = metrics
+        # Shared by every connection, so its one-second cache holds across sessions too.
+        self._free_space = free_space
         self.active: set[RelayESMTP] = set()
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
@@ -75,7 +79,9 @@ class RelaySMTPFactory(smtp.SMTPFactory):
             on_accepted=self._on_accepted,
             metrics=self._metrics,
         )
-        protocol = RelayESMTP(self.config, self._clock, delivery, self._metrics)
+        protocol = RelayESMTP(
+            self.config, self._clock, delivery, self._metrics, free_space=self._free_space
+        )
         protocol.factory = self
         self.active.add(protocol)
         self._metrics.connections.labels("accepted").inc()

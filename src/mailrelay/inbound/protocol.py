@@ -15,6 +15,8 @@ What the stock class gets wrong for a relay, and what this class does instead
   send buffer is full, input processing stops and reading pauses until the client reads.
 - One spool file per transaction (3): DATA opens one message through ``IRelayDelivery``.
 - Spool failure is ``451 4.3.0``, never 550 (9). SIZE is advertised and enforced (10).
+- Free space on the spool's filesystem below ``spool.min_free_space`` (or below it once a
+  declared SIZE is written) is ``452 4.3.1`` at MAIL, before any spool file exists.
 - NOOP, RSET, VRFY (252), HELP (11); MAIL needs HELO/EHLO first.
 - Idle timeout plus an absolute session deadline and an error budget (12); our own banner (13).
 """
@@ -34,6 +36,7 @@ from zope.interface import implementer
 from mailrelay.address import AddressError, MailCommand, parse_mail, parse_rcpt
 from mailrelay.clock import InjectedClockTimeouts
 from mailrelay.config import SMTPConfig
+from mailrelay.diskspace import FreeSpace
 from mailrelay.inbound.delivery import IIncomingMessage, IRelayDelivery, Transaction
 from mailrelay.metrics import Metrics
 from mailrelay.spool.store import SpoolWriteError
@@ -107,6 +110,7 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
         clock: IReactorTime,
         delivery: IRelayDelivery,
         metrics: Metrics,
+        free_space: FreeSpace | None = None,
     ) -> None:
         super().__init__()
         self.delivery = delivery
@@ -116,6 +120,7 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
         self._config = config
         self._clock = clock
         self._metrics = metrics
+        self._free_space = free_space  # None: no free-space check (min_free_space = 0)
         self._buffer = b""
         self._mode = _Mode.COMMAND
         # Two independent reasons to hold input (buffered, and reading paused): a reply is
@@ -427,6 +432,12 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
             return
         if mail.size is not None and mail.size > self._config.max_message_size:
             self._error_reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+            return
+        # Checked here, not at DATA or the dot: a 452 now means nothing was written and the
+        # client simply retries later. A declared SIZE must fit above the floor as well.
+        if self._free_space is not None and self._free_space.is_low(mail.size or 0):
+            self._metrics.messages_rejected.labels("low_disk").inc()
+            self._error_reply(452, "4.3.1", "Insufficient system storage")
             return
         d = defer.maybeDeferred(
             self._delivery.validateFrom, self._helo, _twisted_address(mail.sender)
