@@ -105,7 +105,9 @@ def tls_provider(
     return SMTPProvider(config, via, Metrics())
 
 
-class StartTLSUpstream(TestCase):
+class _WithTestCA(TestCase):
+    """A fresh test CA in a temporary directory, and the AUTH secret in the environment."""
+
     def setUp(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="mailrelay-tls-"))
         self.addCleanup(shutil.rmtree, self.tmp, True)
@@ -115,6 +117,8 @@ class StartTLSUpstream(TestCase):
         os.environ[PASSWORD_ENV] = SECRET
         self.addCleanup(os.environ.pop, PASSWORD_ENV, None)
 
+
+class StartTLSUpstream(_WithTestCA):
     def upstream(
         self, names: tuple[str, ...] = ("127.0.0.1", "localhost"), tls: bool = True
     ) -> UpstreamProcess:
@@ -176,17 +180,8 @@ class StartTLSUpstream(TestCase):
         assert upstream.messages() == []
 
 
-class ImplicitTLSUpstream(TestCase):
+class ImplicitTLSUpstream(_WithTestCA):
     """tls = "implicit" (port 465 style): TLS from the first byte, then AUTH, never STARTTLS."""
-
-    def setUp(self) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="mailrelay-implicit-"))
-        self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.ca = trustme.CA()
-        self.ca_file = self.tmp / "ca.pem"
-        self.ca.cert_pem.write_to_path(str(self.ca_file))
-        os.environ[PASSWORD_ENV] = SECRET
-        self.addCleanup(os.environ.pop, PASSWORD_ENV, None)
 
     def upstream(self, *names: str) -> UpstreamProcess:
         cert = self.ca.issue_cert(*names)
