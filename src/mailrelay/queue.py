@@ -1,13 +1,21 @@
 """The delivery queue: which spooled message is tried when, and what its outcomes lead to.
 
-In memory: a FIFO of ready queue IDs, a heap of deferred ones keyed by their next attempt, and
-the set being delivered; one timer, for the earliest deferred message. The spool stays the
-truth: at start every message in it is ready again, in-flight ones included.
+In memory, an index of queue/: a FIFO of ready queue IDs, a heap of deferred ones keyed by
+their next attempt, and the set being delivered; one timer, for the earliest deferred message;
+the IDs on hold. No directory is rescanned in the hot path. The spool stays the truth: at start
+queue/ is scanned (in the I/O thread, then indexed in chunks while mail is already accepted);
+a message's mtime is its next attempt time, so deferred mail stays deferred across a restart
+and in-flight mail is ready again at once.
 
-One attempt: load the message and its journal; send the recipients without a final outcome
+One attempt: load the message and its journal; mark its pending recipients "sending" (a
+marker a process crash keeps, so the next start counts them as possible duplicates); send them
 through the router; journal every outcome durably; then remove the message (all delivered),
 move it to failed/ (all final, some failed), or defer it with exponential backoff and jitter
 until its lifetime runs out.
+
+Operator commands (hold, release, retry, delete, flush) act on the spool through
+``SpoolAdmin`` (the same code a queue command runs on a stopped daemon's spool) and keep the
+index in step. A command on a message whose attempt is running takes effect when it ends.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ from __future__ import annotations
 import heapq
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import attrs
 from twisted.internet import defer
@@ -27,8 +36,13 @@ from mailrelay.bounce import build_dsn
 from mailrelay.metrics import Metrics
 from mailrelay.outbound.results import Kind, OutboundMessage
 from mailrelay.outbound.router import RoutedResult, Router
-from mailrelay.spool.format import CorruptSpoolFile, Envelope, Outcome, Status
-from mailrelay.spool.store import Spool
+from mailrelay.spool.admin import ACTIVE, QueueCommandError, QueueEntry, SpoolAdmin
+from mailrelay.spool.format import CorruptSpoolFile, Envelope, Outcome, Status, last_outcomes
+from mailrelay.spool.store import FAILED, HOLD, QUEUE, Spool
+
+# Messages indexed per reactor turn at start: 100 000 queued messages never stall the
+# reactor for long, so new mail is accepted while the index fills.
+INDEX_CHUNK = 2000
 
 _STATUS_OF_KIND = {
     Kind.DELIVERED: Status.DELIVERED,
@@ -50,18 +64,39 @@ class RetryPolicy:
         return base * (1 + self.jitter * (2 * rand() - 1))
 
 
+def _since_requeue(journal: list[Outcome]) -> list[Outcome]:
+    """The records since an operator last requeued the message (all of them if never)."""
+    for i in range(len(journal) - 1, -1, -1):
+        if journal[i].status is Status.REQUEUED:
+            return journal[i:]
+    return journal
+
+
 def _attempts_in_journal(journal: list[Outcome], pending: tuple[str, ...]) -> int:
     """How many attempts the journal shows for the recipients still pending (after a restart)."""
+    recent = _since_requeue(journal)
     counts = [
-        sum(1 for o in journal if o.recipient == r and o.status is Status.DEFERRED) for r in pending
+        sum(1 for o in recent if o.recipient == r and o.status is Status.DEFERRED) for r in pending
     ]
     return max(counts, default=0)
+
+
+def _lifetime_start(envelope: Envelope, journal: list[Outcome]) -> float:
+    recent = _since_requeue(journal)
+    if recent and recent[0].status is Status.REQUEUED:
+        return max(envelope.received_at, recent[0].at)
+    return envelope.received_at
 
 
 async def _spool_dsn(spool: Spool, envelope: Envelope, dsn: bytes) -> str:
     writer = spool.open_writer(envelope)
     writer.write(dsn)
     return await writer.commit()
+
+
+def _scan_oldest_first(spool: Spool) -> list[tuple[str, float]]:
+    """(ID, next attempt) of every message in queue/; IDs sort by acceptance time."""
+    return sorted(spool.scan(QUEUE))
 
 
 def _removable(envelope: Envelope, final: dict[str, Outcome]) -> bool:
@@ -93,26 +128,64 @@ class DeliveryQueue:
         self._max_in_flight = max_in_flight
         self._rand = rand
         self._reporting_mta = reporting_mta
+        self._admin = SpoolAdmin(spool, clock.seconds)
+        # The index of queue/. Every indexed ID is in _queued and in exactly one of: the ready
+        # FIFO, _due (deferred, with the heap), _active. The FIFO and the heap may hold stale
+        # entries (a message held, deleted or rescheduled since); they are skipped when popped.
+        self._queued: set[str] = set()
         self._ready: deque[str] = deque()
+        self._due: dict[str, float] = {}
         self._deferred: list[tuple[float, str]] = []
         self._active: dict[str, defer.Deferred[None]] = {}
+        self._held: set[str] = set()
+        # Operator commands waiting for a running attempt to end: queue ID -> command.
+        self._after_attempt: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
         self._attempts: dict[str, int] = {}
         self._timer: IDelayedCall | None = None
         self._running = False
+        self.indexed: defer.Deferred[int] = defer.Deferred()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Queue every message already in the spool, then start delivering."""
+        """Index the spool and start delivering; returns once the first chunk is indexed
+        (``indexed`` fires when all of it is)."""
         self._running = True
-        orphans = self._spool.remove_orphan_journals()
+        started = self._clock.seconds()
+        orphans = await self._spool.run(self._spool.reconcile_journals)
         if orphans:
-            self.log.info("removed {count} journal(s) of already removed messages", count=orphans)
-        recovered = self._spool.queued_ids()
-        self._ready.extend(recovered)
-        if recovered:
-            self.log.info("recovered {count} message(s) from the spool", count=len(recovered))
+            self.log.info("reconciled {count} journal(s) left by a crash", count=orphans)
+        self._held = set(await self._spool.run(self._spool.ids, HOLD))
+        scanned = await self._spool.run(_scan_oldest_first, self._spool)
+        self._index_chunk(scanned, 0, started)
+
+    def _index_chunk(self, scanned: list[tuple[str, float]], start: int, began: float) -> None:
+        if not self._running:
+            return
+        now = self._clock.seconds()
+        for queue_id, next_attempt in scanned[start : start + INDEX_CHUNK]:
+            if queue_id in self._queued:
+                continue  # accepted (or adopted) since the scan: already indexed
+            self._queued.add(queue_id)
+            if next_attempt > now:
+                self._defer_until(queue_id, next_attempt)
+            else:
+                self._ready.append(queue_id)
         self._pump()
+        if start + INDEX_CHUNK < len(scanned):
+            self._clock.callLater(0, self._index_chunk, scanned, start + INDEX_CHUNK, began)
+            return
+        if scanned:
+            self.log.info(
+                "indexed {count} message(s) from the spool in {elapsed:.2f}s: {ready} ready,"
+                " {deferred} deferred, {held} on hold",
+                count=len(scanned),
+                elapsed=self._clock.seconds() - began,
+                ready=len(self._ready),
+                deferred=len(self._due),
+                held=len(self._held),
+            )
+        self.indexed.callback(len(scanned))
 
     async def stop(self) -> None:
         """Stop starting attempts; close providers so running attempts end; wait for them."""
@@ -125,23 +198,35 @@ class DeliveryQueue:
 
     def depth(self) -> dict[str, int]:
         return {
-            "ready": len(self._ready),
-            "deferred": len(self._deferred),
+            "ready": len(self._queued) - len(self._due) - len(self._active),
+            "deferred": len(self._due),
             "active": len(self._active),
+            "held": len(self._held),
         }
 
     def enqueue(self, envelope: Envelope) -> None:
         """A message the inbound side has just made durable."""
-        self._ready.append(envelope.queue_id)
+        self._make_ready(envelope.queue_id)
+
+    def _make_ready(self, queue_id: str) -> None:
+        self._queued.add(queue_id)
+        self._due.pop(queue_id, None)
+        if queue_id not in self._active:
+            self._ready.append(queue_id)
         self._pump()
+
+    def _forget(self, queue_id: str) -> None:
+        """The message left queue/ (or is leaving it): out of the index."""
+        self._queued.discard(queue_id)
+        self._due.pop(queue_id, None)
 
     # -- scheduling -------------------------------------------------------------------------------
 
     def _pump(self) -> None:
         while self._running and self._ready and len(self._active) < self._max_in_flight:
             queue_id = self._ready.popleft()
-            if queue_id in self._active:
-                continue
+            if queue_id not in self._queued or queue_id in self._active or queue_id in self._due:
+                continue  # a stale entry
             d = defer.Deferred.fromCoroutine(self._attempt(queue_id))
             self._active[queue_id] = d
             d.addErrback(self._attempt_crashed, queue_id)
@@ -149,6 +234,10 @@ class DeliveryQueue:
 
     def _attempt_done(self, _: object, queue_id: str) -> None:
         self._active.pop(queue_id, None)
+        waiting = self._after_attempt.pop(queue_id, None)
+        if waiting is not None:
+            d = defer.Deferred.fromCoroutine(waiting())
+            d.addErrback(self._command_failed, queue_id)
         self._pump()
 
     def _attempt_crashed(self, failure: Failure, queue_id: str) -> None:
@@ -157,10 +246,18 @@ class DeliveryQueue:
         self.log.failure(
             "{queue_id} delivery attempt failed unexpectedly", failure, queue_id=queue_id
         )
-        self._defer(queue_id, self._policy.initial)
+        if queue_id in self._queued:
+            self._defer(queue_id, self._policy.initial)
+
+    def _command_failed(self, failure: Failure, queue_id: str) -> None:
+        self.log.failure("{queue_id} operator command failed", failure, queue_id=queue_id)
 
     def _defer(self, queue_id: str, delay: float) -> None:
-        heapq.heappush(self._deferred, (self._clock.seconds() + delay, queue_id))
+        self._defer_until(queue_id, self._clock.seconds() + delay)
+
+    def _defer_until(self, queue_id: str, due: float) -> None:
+        self._due[queue_id] = due
+        heapq.heappush(self._deferred, (due, queue_id))
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -179,8 +276,10 @@ class DeliveryQueue:
         self._timer = None
         now = self._clock.seconds()
         while self._deferred and self._deferred[0][0] <= now:
-            _, queue_id = heapq.heappop(self._deferred)
-            self._ready.append(queue_id)
+            due, queue_id = heapq.heappop(self._deferred)
+            if self._due.get(queue_id) == due:  # else stale: rescheduled, held or gone
+                del self._due[queue_id]
+                self._ready.append(queue_id)
         self._pump()
         self._arm_timer()
 
@@ -190,7 +289,8 @@ class DeliveryQueue:
         try:
             stored, journal = await self._spool.load(queue_id)
         except FileNotFoundError:
-            return  # removed meanwhile (by an operator): nothing to do
+            self._forget(queue_id)
+            return  # removed meanwhile: nothing to do
         except CorruptSpoolFile as e:
             self.log.error(
                 "{queue_id} is corrupt, moved to corrupt/: {reason}",
@@ -198,15 +298,26 @@ class DeliveryQueue:
                 reason=str(e),
             )
             self._metrics.corrupt_files.inc()
+            self._forget(queue_id)
             await self._spool.move_to_corrupt(queue_id)
             return
         envelope = stored.envelope
-        final = {o.recipient: o for o in journal if o.status.is_final}
+        last = last_outcomes(journal)
+        final = {r: o for r, o in last.items() if o.status.is_final}
         pending = tuple(dict.fromkeys(r for r in envelope.recipients if r not in final))
         if queue_id not in self._attempts:
             self._attempts[queue_id] = _attempts_in_journal(journal, pending)
+        self._count_interrupted(queue_id, pending, last)
 
         if pending:
+            # Before the upstream hears of it: after a process crash from here on, the next
+            # start finds this marker last and counts the recipients as possible duplicates.
+            now = self._clock.seconds()
+            await self._spool.append_journal(
+                queue_id,
+                [Outcome(r, Status.SENDING, "attempt started", None, now) for r in pending],
+                durable=False,
+            )
             message = OutboundMessage(
                 queue_id=queue_id,
                 sender=envelope.sender,
@@ -246,7 +357,7 @@ class DeliveryQueue:
             await self._finish(envelope, final, stored.body)
             return
         self._attempts[queue_id] += 1
-        age = self._clock.seconds() - envelope.received_at
+        age = self._clock.seconds() - _lifetime_start(envelope, journal)
         if age >= self._policy.lifetime:
             expired = [
                 Outcome(
@@ -275,7 +386,23 @@ class DeliveryQueue:
             count=len(still_pending),
             delay=delay,
         )
-        self._defer(queue_id, delay)
+        due = self._clock.seconds() + delay
+        await self._spool.set_next_attempt(queue_id, due)
+        self._defer_until(queue_id, due)
+
+    def _count_interrupted(
+        self, queue_id: str, pending: tuple[str, ...], last: dict[str, Outcome]
+    ) -> None:
+        interrupted = [r for r in pending if r in last and last[r].status is Status.SENDING]
+        if not interrupted:
+            return
+        self._metrics.possible_duplicates.inc(len(interrupted))
+        self.log.warn(
+            "{queue_id}: an attempt for {count} recipient(s) was interrupted (the relay stopped"
+            " or crashed mid-attempt); retrying, possible duplicate",
+            queue_id=queue_id,
+            count=len(interrupted),
+        )
 
     def _outcome(self, routed: RoutedResult) -> Outcome:
         result = routed.result
@@ -325,6 +452,7 @@ class DeliveryQueue:
     async def _finish(self, envelope: Envelope, final: dict[str, Outcome], body: bytes) -> None:
         queue_id = envelope.queue_id
         self._attempts.pop(queue_id, None)
+        self._forget(queue_id)
         failed = [o for o in final.values() if o.status is Status.FAILED]
         if failed and self._reporting_mta is not None and envelope.sender:
             # The DSN is durable in the spool before the original goes: it carries the reasons.
@@ -373,3 +501,98 @@ class DeliveryQueue:
         queue_id = await _spool_dsn(self._spool, dsn_envelope, dsn)
         self.enqueue(dsn_envelope)
         return queue_id
+
+    # -- operator commands (mailrelay queue ..., through the control channel) --------------------
+
+    async def listing(self) -> list[QueueEntry]:
+        entries = await self._spool.run(self._admin.listing)
+        return [attrs.evolve(e, state=ACTIVE) if e.queue_id in self._active else e for e in entries]
+
+    async def show(self, queue_id: str) -> dict[str, Any]:
+        report = await self._spool.run(self._admin.show, queue_id)
+        if queue_id in self._active:
+            report["state"] = ACTIVE
+        return report
+
+    async def hold(self, queue_id: str) -> str:
+        if queue_id in self._active:
+            self._after_attempt[queue_id] = lambda: self._quietly(self._hold_now(queue_id))
+            return "will be held when its running attempt ends"
+        await self._hold_now(queue_id)
+        return "held"
+
+    async def _hold_now(self, queue_id: str) -> None:
+        due = self._due.get(queue_id)
+        was_queued = queue_id in self._queued
+        self._forget(queue_id)  # first, so no attempt starts while the file moves
+        try:
+            await self._spool.run(self._admin.hold, queue_id)
+        except BaseException:
+            if was_queued:
+                self._restore(queue_id, due)
+            raise
+        self._held.add(queue_id)
+        self.log.info("{queue_id} put on hold by the operator", queue_id=queue_id)
+
+    def _restore(self, queue_id: str, due: float | None) -> None:
+        self._queued.add(queue_id)
+        if due is None:
+            self._make_ready(queue_id)
+        else:
+            self._defer_until(queue_id, due)
+
+    async def release(self, queue_id: str) -> str:
+        await self._spool.run(self._admin.release, queue_id)
+        self._held.discard(queue_id)
+        self.log.info("{queue_id} released by the operator", queue_id=queue_id)
+        self._make_ready(queue_id)
+        return "released"
+
+    async def retry(self, queue_id: str) -> str:
+        if queue_id in self._active:
+            return "being delivered right now"
+        done = await self._spool.run(self._admin.retry, queue_id)
+        self.log.info("{queue_id} {done} by the operator", queue_id=queue_id, done=done)
+        self._make_ready(queue_id)
+        return done
+
+    async def retry_failed(self) -> list[str]:
+        requeued = []
+        for queue_id in await self._spool.run(self._spool.ids, FAILED):
+            await self._spool.run(self._admin.requeue, queue_id)
+            self._make_ready(queue_id)
+            requeued.append(queue_id)
+        if requeued:
+            self.log.info("{count} dead letter(s) requeued by the operator", count=len(requeued))
+        return requeued
+
+    async def flush(self) -> list[str]:
+        on_disk = await self._spool.run(self._admin.flush)
+        flushed = sorted(set(on_disk) | set(self._due))
+        for queue_id in flushed:
+            if queue_id in self._queued or queue_id in on_disk:
+                self._make_ready(queue_id)
+        self.log.info("flush: {count} deferred message(s) due now", count=len(flushed))
+        return flushed
+
+    async def delete(self, queue_id: str) -> str:
+        if queue_id in self._active:
+            self._after_attempt[queue_id] = lambda: self._quietly(self._delete_now(queue_id))
+            return "will be deleted when its running attempt ends"
+        await self._delete_now(queue_id)
+        return "deleted"
+
+    async def _delete_now(self, queue_id: str) -> None:
+        self._forget(queue_id)
+        area = await self._spool.run(self._admin.delete, queue_id)
+        self._held.discard(queue_id)
+        self.log.warn(
+            "{queue_id} deleted from {area}/ by the operator", queue_id=queue_id, area=area
+        )
+
+    async def _quietly(self, command: Awaitable[None]) -> None:
+        """A command that waited for an attempt: the message may be gone by then (delivered)."""
+        try:
+            await command
+        except QueueCommandError as e:
+            self.log.info("a waiting operator command was not needed: {why}", why=e.message)

@@ -68,7 +68,8 @@ def message_file(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 def test_prepare_creates_the_areas(tmp_path: Path) -> None:
     root = tmp_path / "new-spool"
     make_spool(root)
-    assert files(root) == ["corrupt", "failed", "queue", "tmp"]
+    assert files(root) == ["corrupt", "failed", "hold", "maildrop", "queue", "tmp"]
+    assert (root / "maildrop").stat().st_mode & 0o7777 == 0o1733
 
 
 def test_prepare_clears_leftovers_in_tmp(spool: Spool) -> None:
@@ -357,7 +358,7 @@ def test_remove_orphan_journals(spool: Spool) -> None:
     store(spool, envelope(QID), BODY)
     result_of(spool.append_journal(QID, [outcome("a@example.test")]))
     (spool.queue / ("ORPHAN" + JOURNAL_SUFFIX)).write_bytes(JOURNAL_MAGIC)
-    assert spool.remove_orphan_journals() == 1
+    assert spool.reconcile_journals() == 1
     assert files(spool.queue) == [QID, QID + JOURNAL_SUFFIX]
 
 
@@ -417,7 +418,7 @@ def test_crash_between_the_two_renames_of_a_move_keeps_the_journal_with_its_mess
     # The message is not in queue/ any more: it can never be sent again.
     assert files(spool.queue) == [QID + JOURNAL_SUFFIX]
     assert files(spool.failed) == [QID]
-    assert spool.remove_orphan_journals() == 1
+    assert spool.reconcile_journals() == 1
     assert files(spool.queue) == []
     assert files(spool.failed) == sorted([QID, QID + JOURNAL_SUFFIX])
 

@@ -44,13 +44,22 @@ class CorruptSpoolFile(Exception):
 
 
 class Status(Enum):
+    """A journal record's meaning. A recipient's state is its last record."""
+
     DELIVERED = "delivered"
     DEFERRED = "deferred"  # a temporary failure; retried later
-    FAILED = "failed"  # a permanent failure; never retried
+    FAILED = "failed"  # a permanent failure; not retried unless an operator requeues it
+    # An attempt started for this recipient. Written without fsync, before the upstream is
+    # contacted: found last after a restart, it means the process died mid-attempt, so the
+    # recipient may have been delivered already (a possible duplicate, counted).
+    SENDING = "sending"
+    # An operator requeued a dead letter: the recipient is pending again, with a fresh
+    # attempt count and lifetime from this record's time.
+    REQUEUED = "requeued"
 
     @property
     def is_final(self) -> bool:
-        return self is not Status.DEFERRED
+        return self in (Status.DELIVERED, Status.FAILED)
 
 
 @attrs.frozen
@@ -115,6 +124,11 @@ class Outcome:
             raise CorruptSpoolFile(f"bad journal record: {e}") from None
 
 
+def last_outcomes(journal: list[Outcome]) -> dict[str, Outcome]:
+    """Each recipient's state: the last journal record about it."""
+    return {o.recipient: o for o in journal}
+
+
 def record(tag: bytes, payload: bytes) -> bytes:
     header = _HEADER.pack(tag, len(payload))
     return header + payload + _CRC.pack(zlib.crc32(payload, zlib.crc32(header)))
@@ -122,6 +136,15 @@ def record(tag: bytes, payload: bytes) -> bytes:
 
 def end_record(body_length: int, body_crc: int) -> bytes:
     return record(TAG_END, struct.pack(">QI", body_length, body_crc))
+
+
+def encode_message(envelope: Envelope, body: bytes, chunk_size: int = 256 * 1024) -> bytes:
+    """A whole message file at once (the inbound path streams the same records instead)."""
+    parts = [MESSAGE_MAGIC, record(TAG_ENVELOPE, envelope.to_json())]
+    for start in range(0, len(body), chunk_size):
+        parts.append(record(TAG_BODY, body[start : start + chunk_size]))
+    parts.append(end_record(len(body), zlib.crc32(body)))
+    return b"".join(parts)
 
 
 def iter_records(data: bytes, magic: bytes) -> Iterator[tuple[bytes, bytes, int]]:

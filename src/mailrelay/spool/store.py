@@ -3,9 +3,16 @@
 Layout under the spool path::
 
     tmp/       messages being received; anything here at start is a leftover and removed
-    queue/     accepted messages (<id>) and their journals (<id>.journal)
+    queue/     accepted messages (<id>) and their journals (<id>.journal); a message's mtime
+               is its next attempt time (as in Postfix), so a deferral survives a restart
+    hold/      messages an operator put on hold, with their journals; never tried
     failed/    dead letters: messages with a recipient that failed for good (the seed's .failed)
     corrupt/   files that failed their checksum, kept for a person to look at
+    maildrop/  messages from the sendmail command (mode 1733: any local user may drop one);
+               the daemon checks and adopts them into queue/
+    lock       held (flock) by the daemon, or by a queue command working on a stopped daemon's
+               spool, so the two never act on the same files at once
+    control.sock  the daemon's control channel (mode 0600), see mailrelay.control
 
 Durability contract: ``MessageWriter.commit`` writes the tmp file, fsyncs it, renames it into
 ``queue/`` and fsyncs the directory; only when that Deferred fires may the server say 250.
@@ -14,13 +21,16 @@ If any step fails the copy is removed and never delivered (no fsync retry: "fsyn
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
 import secrets
 import time
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, ParamSpec, TypeVar
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -44,21 +54,67 @@ from mailrelay.spool.format import (
     record,
 )
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 # Body bytes are framed in records of at most this size; small enough to checksum cheaply,
 # large enough that a big message is a handful of records.
 BODY_RECORD_SIZE = 256 * 1024
 # A message whose framed bytes pass this size is written to its tmp file as it arrives.
 SPILL_SIZE = 256 * 1024
 JOURNAL_SUFFIX = ".journal"
+# Areas a message can be in, by name (queue commands name them too).
+QUEUE, HOLD, FAILED, CORRUPT, MAILDROP = "queue", "hold", "failed", "corrupt", "maildrop"
+MESSAGE_AREAS = (QUEUE, HOLD, FAILED, CORRUPT)
 
 
 class SpoolWriteError(Exception):
     """The message could not be made durable; the client must get a 4xx and keep its copy."""
 
 
+class SpoolBusy(Exception):
+    """Another process holds the spool's lock."""
+
+    def __init__(self, root: Path, holder: str) -> None:
+        super().__init__(f"spool {root} is in use by another process ({holder})")
+
+
+class SpoolLock:
+    """An exclusive flock on ``<spool>/lock``, held for as long as this object lives open.
+
+    flock is released by the kernel when the process dies, so a SIGKILLed daemon never leaves
+    a stale lock behind. The holder writes its pid into the file, for the error message only.
+    """
+
+    def __init__(self, root: Path, purpose: str) -> None:
+        path = root / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise SpoolBusy(root, holder) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, {purpose}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
 def new_queue_id(now: float) -> str:
     """A unique, time-sortable queue ID: microseconds since the epoch and 32 random bits."""
     return f"{int(now * 1_000_000):014X}{secrets.randbits(32):08X}"
+
+
+def _is_queue_id(name: str) -> bool:
+    """Our IDs are 22 upper-case hex digits; anything else (a path, "..") names no message."""
+    return len(name) == 22 and all(c in "0123456789ABCDEF" for c in name)
 
 
 def _fsync_directory(path: Path) -> None:
@@ -75,16 +131,38 @@ class Spool:
     def __init__(self, root: Path, runner: BlockingRunner, now: Callable[[], float] = time.time):
         self.root = root
         self.tmp = root / "tmp"
-        self.queue = root / "queue"
-        self.failed = root / "failed"
-        self.corrupt = root / "corrupt"
+        self.queue = root / QUEUE
+        self.hold = root / HOLD
+        self.failed = root / FAILED
+        self.corrupt = root / CORRUPT
+        self.maildrop = root / MAILDROP
+        self.control_socket = root / "control.sock"
         self._runner = runner
         self._now = now
 
+    def area(self, name: str) -> Path:
+        return self.root / name
+
+    def run(self, f: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> defer.Deferred[R]:
+        """Run blocking spool work where this spool runs it (its I/O thread pool)."""
+        return self._runner.run(f, *args, **kwargs)
+
+    def lock(self, purpose: str) -> SpoolLock:
+        """Take the spool's lock or raise SpoolBusy (blocking, but only a flock call)."""
+        return SpoolLock(self.root, purpose)
+
     def prepare(self) -> None:
-        """Create the areas and clear tmp/ of messages whose sessions died before the 250."""
-        for area in (self.tmp, self.queue, self.failed, self.corrupt):
+        """Create the areas and clear tmp/ of messages whose sessions died before the 250.
+
+        Only the lock holder may call this (it deletes files in tmp/).
+        """
+        for area in (self.tmp, self.queue, self.hold, self.failed, self.corrupt):
             area.mkdir(parents=True, exist_ok=True)
+        if not self.maildrop.exists():
+            self.maildrop.mkdir()
+            # Sticky and writable by every local user, not listable: the sendmail command of
+            # another user (PHP's mail(), cron) can drop a message but not see or take others.
+            os.chmod(self.maildrop, 0o1733)
         for leftover in self.tmp.iterdir():
             leftover.unlink(missing_ok=True)
         _fsync_directory(self.root)
@@ -99,21 +177,55 @@ class Spool:
 
     # -- reading ----------------------------------------------------------------------------------
 
+    def ids(self, area: str) -> list[str]:
+        """IDs of the messages in an area, oldest first (blocking)."""
+        return sorted(name for name, _ in self.scan(area))
+
     def queued_ids(self) -> list[str]:
-        """IDs of every message in queue/, oldest first (blocking; for recovery)."""
-        return sorted(p.name for p in self.queue.iterdir() if not p.name.endswith(JOURNAL_SUFFIX))
+        return self.ids(QUEUE)
 
-    def load(self, queue_id: str) -> defer.Deferred[tuple[StoredMessage, list[Outcome]]]:
-        return self._runner.run(self._load, queue_id)
+    def scan(self, area: str) -> list[tuple[str, float]]:
+        """(ID, mtime) of every message in an area, in directory order (blocking).
 
-    def _load(self, queue_id: str) -> tuple[StoredMessage, list[Outcome]]:
-        message = decode_message((self.queue / queue_id).read_bytes())
+        One scandir and one stat per message: for queue/, the mtime is the next attempt time.
+        """
+        found = []
+        with os.scandir(self.area(area)) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(".") or name.endswith(JOURNAL_SUFFIX):
+                    continue
+                try:
+                    found.append((name, entry.stat().st_mtime))
+                except FileNotFoundError:
+                    continue  # removed while we looked
+        return found
+
+    def area_of(self, queue_id: str) -> str | None:
+        """Which area holds the message (blocking); None if none does."""
+        if not _is_queue_id(queue_id):
+            return None
+        for area in MESSAGE_AREAS:
+            if (self.area(area) / queue_id).exists():
+                return area
+        return None
+
+    def load(
+        self, queue_id: str, area: str = QUEUE
+    ) -> defer.Deferred[tuple[StoredMessage, list[Outcome]]]:
+        return self._runner.run(self.load_now, queue_id, area)
+
+    def load_now(self, queue_id: str, area: str = QUEUE) -> tuple[StoredMessage, list[Outcome]]:
+        message = decode_message((self.area(area) / queue_id).read_bytes())
         if message.envelope.queue_id != queue_id:
             raise CorruptSpoolFile("envelope names another queue ID")
+        return message, self.journal_now(queue_id, area)
+
+    def journal_now(self, queue_id: str, area: str = QUEUE) -> list[Outcome]:
         try:
-            journal = read_journal((self.queue / (queue_id + JOURNAL_SUFFIX)).read_bytes())
+            journal = read_journal((self.area(area) / (queue_id + JOURNAL_SUFFIX)).read_bytes())
         except FileNotFoundError:
-            return message, []
+            return []
         if journal.damaged:
             self.log.error(
                 "{queue_id} journal damaged: kept {count} record(s); a recipient whose outcome"
@@ -121,16 +233,23 @@ class Spool:
                 queue_id=queue_id,
                 count=len(journal.outcomes),
             )
-        return message, journal.outcomes
+        return journal.outcomes
 
     # -- journal ----------------------------------------------------------------------------------
 
-    def append_journal(self, queue_id: str, outcomes: Sequence[Outcome]) -> defer.Deferred[None]:
-        payload = b"".join(record(TAG_OUTCOME, o.to_json()) for o in outcomes)
-        return self._runner.run(self._append_journal, queue_id, payload)
+    def append_journal(
+        self, queue_id: str, outcomes: Sequence[Outcome], durable: bool = True, area: str = QUEUE
+    ) -> defer.Deferred[None]:
+        """Append records; ``durable=False`` skips the fsyncs (a marker a process crash keeps,
+        that power loss may lose)."""
+        return self._runner.run(self.append_journal_now, queue_id, outcomes, durable, area)
 
-    def _append_journal(self, queue_id: str, payload: bytes) -> None:
-        path = self.queue / (queue_id + JOURNAL_SUFFIX)
+    def append_journal_now(
+        self, queue_id: str, outcomes: Sequence[Outcome], durable: bool = True, area: str = QUEUE
+    ) -> None:
+        payload = b"".join(record(TAG_OUTCOME, o.to_json()) for o in outcomes)
+        directory = self.area(area)
+        path = directory / (queue_id + JOURNAL_SUFFIX)
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             size = os.fstat(fd).st_size
@@ -145,59 +264,85 @@ class Spool:
             else:
                 created = False
             os.write(fd, payload)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
-        if created:
-            _fsync_directory(self.queue)
+        if created and durable:
+            _fsync_directory(directory)
+
+    # -- scheduling -------------------------------------------------------------------------------
+
+    def set_next_attempt(self, queue_id: str, when: float) -> defer.Deferred[None]:
+        return self._runner.run(self.set_next_attempt_now, queue_id, when)
+
+    def set_next_attempt_now(self, queue_id: str, when: float) -> None:
+        """Record the next attempt time in the message's mtime. Not fsynced: if a crash loses
+        it, the message is only tried sooner than planned."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.queue / queue_id, (when, when))
 
     # -- leaving the queue ------------------------------------------------------------------------
 
-    def remove(self, queue_id: str) -> defer.Deferred[None]:
-        return self._runner.run(self._remove, queue_id)
+    def remove(self, queue_id: str, area: str = QUEUE) -> defer.Deferred[None]:
+        return self._runner.run(self.remove_now, queue_id, area)
 
-    def _remove(self, queue_id: str) -> None:
+    def remove_now(self, queue_id: str, area: str = QUEUE) -> None:
         # The message goes first: a journal left alone is cleaned up at the next start,
         # a message left without its journal would be sent again.
-        (self.queue / queue_id).unlink(missing_ok=True)
-        (self.queue / (queue_id + JOURNAL_SUFFIX)).unlink(missing_ok=True)
-        _fsync_directory(self.queue)
+        directory = self.area(area)
+        (directory / queue_id).unlink(missing_ok=True)
+        (directory / (queue_id + JOURNAL_SUFFIX)).unlink(missing_ok=True)
+        _fsync_directory(directory)
 
     def move_to_failed(self, queue_id: str) -> defer.Deferred[None]:
-        return self._runner.run(self._move, queue_id, self.failed)
+        return self.move(queue_id, QUEUE, FAILED)
 
-    def move_to_corrupt(self, queue_id: str) -> defer.Deferred[None]:
-        return self._runner.run(self._move, queue_id, self.corrupt)
+    def move_to_corrupt(self, queue_id: str, source: str = QUEUE) -> defer.Deferred[None]:
+        return self.move(queue_id, source, CORRUPT)
 
-    def _move(self, queue_id: str, area: Path) -> None:
-        # The message goes first: after a crash in between, queue/ holds only a journal,
-        # which the next start moves after its message (remove_orphan_journals). The other
-        # order would leave a message without its journal: every recipient sent again.
-        os.rename(self.queue / queue_id, area / queue_id)
-        journal = self.queue / (queue_id + JOURNAL_SUFFIX)
+    def move(self, queue_id: str, source: str, target: str) -> defer.Deferred[None]:
+        return self._runner.run(self.move_now, queue_id, source, target)
+
+    def move_now(self, queue_id: str, source: str, target: str) -> None:
+        """Move a message and its journal between areas.
+
+        The message goes first: after a crash in between, the journal is left alone in the
+        source area, and the next start moves it after its message (reconcile_journals).
+        In queue/, the other order would leave a message without its journal: every
+        recipient sent again.
+        """
+        source_dir, target_dir = self.area(source), self.area(target)
+        os.rename(source_dir / queue_id, target_dir / queue_id)
+        journal = source_dir / (queue_id + JOURNAL_SUFFIX)
         if journal.exists():
-            os.rename(journal, area / journal.name)
-        _fsync_directory(area)
-        _fsync_directory(self.queue)
+            os.rename(journal, target_dir / journal.name)
+        _fsync_directory(target_dir)
+        _fsync_directory(source_dir)
 
-    def remove_orphan_journals(self) -> int:
-        """Journals without a message in queue/ (a crash inside _remove or _move); at start.
+    def reconcile_journals(self) -> int:
+        """Journals without their message beside them (a crash inside a move or a removal).
 
-        One whose message went to failed/ or corrupt/ follows it there (it is the record of
-        why); one whose message was removed is deleted.
+        Run at start, before anything is delivered. A journal follows its message to the area
+        that holds it (it is the record of what was delivered, and why something failed);
+        one whose message is gone is deleted.
         """
         handled = 0
-        for path in self.queue.glob("*" + JOURNAL_SUFFIX):
-            queue_id = path.name[: -len(JOURNAL_SUFFIX)]
-            if (self.queue / queue_id).exists():
-                continue
-            for area in (self.failed, self.corrupt):
-                if (area / queue_id).exists():
-                    os.rename(path, area / path.name)
-                    break
-            else:
-                path.unlink(missing_ok=True)
-            handled += 1
+        for area in MESSAGE_AREAS:
+            directory = self.area(area)
+            for path in directory.glob("*" + JOURNAL_SUFFIX):
+                queue_id = path.name[: -len(JOURNAL_SUFFIX)]
+                if (directory / queue_id).exists():
+                    continue
+                home = next(
+                    (a for a in MESSAGE_AREAS if (self.area(a) / queue_id).exists()), None
+                )
+                if home is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    os.rename(path, self.area(home) / path.name)
+                    _fsync_directory(self.area(home))
+                handled += 1
         return handled
 
 
@@ -283,6 +428,10 @@ class MessageWriter:
                 self._file = open(self._tmp_path, "xb")  # noqa: SIM115 - closed just below
             self._file.write(self._framed)
             self._file.flush()
+            # The mtime is the next attempt time (see the module docstring): now, for a new
+            # message. Set explicitly so it is the same clock the queue schedules with.
+            received = self.envelope.received_at
+            os.utime(self._file.fileno(), (received, received))
             os.fsync(self._file.fileno())
             self._file.close()
             os.rename(self._tmp_path, self._final_path)
