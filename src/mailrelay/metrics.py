@@ -106,7 +106,7 @@ class Metrics:
 
     def watch_queue(self, depth: Callable[[], dict[str, int]]) -> None:
         """Read queue depth at scrape time instead of updating a gauge on every change."""
-        for state in ("ready", "deferred", "active"):
+        for state in ("ready", "deferred", "active", "held"):
             self._queue_depth.labels(state).set_function(
                 lambda state=state: depth().get(state, 0)  # type: ignore[misc]
             )

@@ -138,6 +138,8 @@ class DeliveryQueue:
         self._deferred: list[tuple[float, str]] = []
         self._active: dict[str, defer.Deferred[None]] = {}
         self._held: set[str] = set()
+        # While the start-up scan is being indexed: IDs that left queue/ since it was taken.
+        self._left_since_scan: set[str] | None = set()
         # Operator commands waiting for a running attempt to end: queue ID -> command.
         self._after_attempt: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
         self._attempts: dict[str, int] = {}
@@ -163,9 +165,10 @@ class DeliveryQueue:
         if not self._running:
             return
         now = self._clock.seconds()
+        left = self._left_since_scan or set()
         for queue_id, next_attempt in scanned[start : start + INDEX_CHUNK]:
-            if queue_id in self._queued:
-                continue  # accepted (or adopted) since the scan: already indexed
+            if queue_id in self._queued or queue_id in left:
+                continue  # indexed since the scan (accepted, retried), or gone (held, done)
             self._queued.add(queue_id)
             if next_attempt > now:
                 self._defer_until(queue_id, next_attempt)
@@ -185,6 +188,7 @@ class DeliveryQueue:
                 deferred=len(self._due),
                 held=len(self._held),
             )
+        self._left_since_scan = None
         self.indexed.callback(len(scanned))
 
     async def stop(self) -> None:
@@ -219,6 +223,9 @@ class DeliveryQueue:
         """The message left queue/ (or is leaving it): out of the index."""
         self._queued.discard(queue_id)
         self._due.pop(queue_id, None)
+        self._attempts.pop(queue_id, None)
+        if self._left_since_scan is not None:
+            self._left_since_scan.add(queue_id)  # the start-up scan may still list it
 
     # -- scheduling -------------------------------------------------------------------------------
 
@@ -559,7 +566,18 @@ class DeliveryQueue:
     async def retry_failed(self) -> list[str]:
         requeued = []
         for queue_id in await self._spool.run(self._spool.ids, FAILED):
-            await self._spool.run(self._admin.requeue, queue_id)
+            try:
+                await self._spool.run(self._admin.requeue, queue_id)
+            except CorruptSpoolFile as e:
+                # One damaged dead letter must not stop the others.
+                self._metrics.corrupt_files.inc()
+                self.log.error(
+                    "{queue_id} dead letter is corrupt, moved to corrupt/: {reason}",
+                    queue_id=queue_id,
+                    reason=str(e),
+                )
+                await self._spool.move_to_corrupt(queue_id, FAILED)
+                continue
             self._make_ready(queue_id)
             requeued.append(queue_id)
         if requeued:

@@ -10,11 +10,13 @@ outcomes), and the I/O thread pool last.
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
-from twisted.application import service, strports
+from twisted.application import internet, service, strports
 from twisted.internet import defer
+from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -22,6 +24,7 @@ from twisted.python.threadpool import ThreadPool
 from mailrelay import __version__
 from mailrelay.blocking import BlockingRunner, ThreadRunner
 from mailrelay.config import Config, ConfigError, ProviderConfig, load
+from mailrelay.control import ControlFactory
 from mailrelay.diskspace import FreeSpace
 from mailrelay.inbound.factory import RelaySMTPFactory
 from mailrelay.metrics import Metrics
@@ -29,8 +32,9 @@ from mailrelay.outbound.maildir import MaildirProvider
 from mailrelay.outbound.pool import SMTPProvider
 from mailrelay.outbound.results import IProvider
 from mailrelay.outbound.router import Router
+from mailrelay.pickup import MaildropPickup
 from mailrelay.queue import DeliveryQueue, RetryPolicy
-from mailrelay.spool.store import Spool
+from mailrelay.spool.store import Spool, SpoolBusy, SpoolLock
 from mailrelay.web import build_site
 
 log = Logger(namespace="mailrelay")
@@ -89,17 +93,67 @@ class _ThreadPoolService(service.Service):
 
 
 class _QueueService(service.Service):
-    def __init__(self, queue: DeliveryQueue) -> None:
+    def __init__(self, queue: DeliveryQueue, pickup: MaildropPickup) -> None:
         self._queue = queue
+        self._pickup = pickup
 
     def startService(self) -> None:
         super().startService()
-        d = defer.Deferred.fromCoroutine(self._queue.start())
+        d = defer.Deferred.fromCoroutine(self._start())
         d.addErrback(lambda f: log.failure("the delivery queue failed to start", f))
+
+    async def _start(self) -> None:
+        # The maildrop first: a file adopted just before a crash is recognised by its copy
+        # in queue/ before the queue can deliver (and remove) that copy.
+        await self._pickup.pickup()
+        await self._queue.start()
+        self._pickup.start_polling()
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        self._pickup.stop_polling()
         return defer.Deferred.fromCoroutine(self._queue.stop())
+
+
+class _SpoolLockService(service.Service):
+    """Holds the spool's lock for the daemon's life; the first child, so released last."""
+
+    def __init__(self, lock: SpoolLock) -> None:
+        self._lock = lock
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._lock.release()
+
+
+class _ControlSocketService(internet.StreamServerEndpointService):
+    def __init__(self, reactor: Any, path: Path, factory: ControlFactory) -> None:
+        # mode 0600: queue commands are for the daemon's user (see mailrelay.control).
+        endpoint = UNIXServerEndpoint(reactor, str(path), mode=0o600, wantPID=False)
+        super().__init__(endpoint, factory)
+        self._path = path
+
+    def privilegedStartService(self) -> None:
+        # We hold the spool's lock: a socket file left here is a dead daemon's. (At stop,
+        # the listening port removes its own socket file.)
+        self._path.unlink(missing_ok=True)
+        super().privilegedStartService()
+
+
+LOCK_WAIT = 10.0
+
+
+def _lock_spool(spool: Spool) -> SpoolLock:
+    """The daemon's lock on its spool. A queue command on a stopped spool holds it for
+    moments, so wait a little; another daemon holds it for good: refuse to start."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            return spool.lock("mailrelay daemon")
+        except SpoolBusy as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"spool.path: {e}") from None
+        time.sleep(0.1)  # before the reactor runs: nothing else is waiting on us
 
 
 def _ipv6_loopback_available() -> bool:
@@ -141,11 +195,14 @@ def buildService(
 
     spool = Spool(Path(config.spool.path), runner, reactor.seconds)
     try:
+        spool.root.mkdir(parents=True, exist_ok=True)
+        lock = _lock_spool(spool)
         spool.prepare()
     except OSError as e:
         raise ConfigError(
             f"spool.path: cannot use {config.spool.path!r}: {e.strerror or e}"
         ) from None
+    _SpoolLockService(lock).setServiceParent(top)
 
     providers = {p.name: _build_provider(p, reactor, runner, metrics) for p in config.providers}
     router = Router([providers[name] for name in config.routing.default])
@@ -163,7 +220,10 @@ def buildService(
         reporting_mta=config.smtp.hostname if config.spool.bounce == "dsn" else None,
     )
     metrics.watch_queue(queue.depth)
-    _QueueService(queue).setServiceParent(top)
+    pickup = MaildropPickup(reactor, spool, config.smtp, queue.enqueue, metrics)
+    _QueueService(queue, pickup).setServiceParent(top)
+    control = ControlFactory(queue, {"pickup": pickup.pickup})
+    _ControlSocketService(reactor, spool.control_socket, control).setServiceParent(top)
 
     free_space = (
         FreeSpace(config.spool.path, config.spool.min_free_space, reactor)

@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from mailrelay.config import parse
 from mailrelay.outbound.maildir import MaildirProvider
-from mailrelay.service import _SequentialMultiService, buildService
+from mailrelay.service import _QueueService, _SequentialMultiService, buildService
 from mailrelay.spool.format import Envelope
 from mailrelay.spool.store import Spool
 
@@ -82,12 +82,14 @@ class ShutdownWithDeliveryInFlight(TestCase):
         top.startService()
         # Put a message in the spool through the same writer the SMTP server uses.
         spool = Spool(tmp / "spool", _Inline())
-        envelope = Envelope("Q1", "a@example.com", ("b@example.com",), 0.0, "127.0.0.1", "t")
+        envelope = Envelope(
+            "0000000000000000000001", "a@example.com", ("b@example.com",), 0.0, "127.0.0.1", "t"
+        )
         writer = spool.open_writer(envelope)
         writer.write(b"Subject: stop\r\n\r\nbody\r\n")
         writer.commit()
-        queue_service = list(top)[1]
-        queue_service._queue.enqueue(envelope)  # type: ignore[attr-defined]
+        [queue_service] = [s for s in top if isinstance(s, _QueueService)]
+        queue_service._queue.enqueue(envelope)
         while not writing.is_set():
             await task.deferLater(reactor, 0.01, lambda: None)
         stopping = top.stopService()

@@ -83,9 +83,7 @@ class World:
         self.queue.enqueue(envelope(queue_id, recipients, received_at=self.clock.seconds()))
         return queue_id
 
-    def journal(
-        self, queue_id: str, area: str = "queue", markers: bool = False
-    ) -> list[Outcome]:
+    def journal(self, queue_id: str, area: str = "queue", markers: bool = False) -> list[Outcome]:
         """The journal's outcomes; with ``markers``, the "sending" records too."""
         path = self.root / area / (queue_id + JOURNAL_SUFFIX)
         records = decode_journal(path.read_bytes()) if path.exists() else []

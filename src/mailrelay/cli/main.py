@@ -2,7 +2,8 @@
 
 Each subcommand finds its config as the daemon does: ``--config PATH``, else the environment
 variable ``MAILRELAY_CONFIG``, else the embedded default. Errors are one line on stderr and a
-non-zero exit (64, EX_USAGE, for a bad command line; 78, EX_CONFIG, for a bad config).
+non-zero exit (64, EX_USAGE, for a bad command line; 78, EX_CONFIG, for a bad config; the
+queue and sendmail commands document theirs).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import attrs
 
 from mailrelay import __version__
+from mailrelay.cli import queue, sendmail
 from mailrelay.config import Config, ConfigError, load
 
 EX_USAGE = 64
@@ -69,8 +71,8 @@ def _config_path(args: argparse.Namespace) -> str | None:
     return path
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    path = args.path or _config_path(args)
+def cmd_check_config(args: argparse.Namespace, config_path: str | None) -> int:
+    path = args.path or config_path
     try:
         config = load(path)
     except ConfigError as e:
@@ -89,7 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config and print it in full")
     check.add_argument("path", nargs="?", help="config file (default: --config)")
     check.set_defaults(func=cmd_check_config)
+    queue.add_parser(sub)
+    sendmail_parser = sub.add_parser(
+        "sendmail",
+        help="sendmail-compatible submission into the spool (also: mailrelay-sendmail)",
+        add_help=False,
+    )
+    sendmail_parser.add_argument("args", nargs=argparse.REMAINDER)
+    sendmail_parser.set_defaults(func=_cmd_sendmail)
     return parser
+
+
+def _cmd_sendmail(args: argparse.Namespace, config_path: str | None) -> int:
+    return sendmail.main(args.args, config_path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EX_USAGE
-    result: int = args.func(args)
+    result: int = args.func(args, _config_path(args))
     return result
 
 

@@ -83,6 +83,10 @@ class SpoolAdmin:
         self._spool = spool
         self._now = now
 
+    @property
+    def spool(self) -> Spool:
+        return self._spool
+
     # -- reading ----------------------------------------------------------------------------------
 
     def _read_envelope(self, path: os.PathLike[str]) -> Envelope:
@@ -139,6 +143,9 @@ class SpoolAdmin:
         area = self._spool.area_of(queue_id)
         if area is None:
             raise unknown_id(queue_id)
+        # A crash inside a move can leave the journal behind in another area; act only with
+        # it beside its message, or a requeue could forget what was already delivered.
+        self._spool.reconcile_journal(queue_id)
         return area
 
     def show(self, queue_id: str) -> dict[str, Any]:
@@ -179,9 +186,7 @@ class SpoolAdmin:
         if area not in areas:
             state = _STATE_OF_AREA.get(area, "queued")
             wanted = " or ".join(_STATE_OF_AREA.get(a, "queued") for a in areas)
-            raise QueueCommandError(
-                "wrong-state", f"{queue_id} is {state}, not {wanted}"
-            )
+            raise QueueCommandError("wrong-state", f"{queue_id} is {state}, not {wanted}")
         return area
 
     def hold(self, queue_id: str) -> None:

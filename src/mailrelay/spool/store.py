@@ -76,7 +76,7 @@ class SpoolBusy(Exception):
     """Another process holds the spool's lock."""
 
     def __init__(self, root: Path, holder: str) -> None:
-        super().__init__(f"spool {root} is in use by another process ({holder})")
+        super().__init__(f"spool {root.absolute()} is in use by another process ({holder})")
 
 
 class SpoolLock:
@@ -92,7 +92,8 @@ class SpoolLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = os.pread(fd, 200, 0).decode("ascii", "replace").strip() or "unknown"
+            first_line = os.pread(fd, 200, 0).decode("ascii", "replace").partition("\n")[0]
+            holder = first_line.strip() or "unknown"
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise SpoolBusy(root, holder) from None
@@ -112,12 +113,17 @@ def new_queue_id(now: float) -> str:
     return f"{int(now * 1_000_000):014X}{secrets.randbits(32):08X}"
 
 
-def _is_queue_id(name: str) -> bool:
+def _records_after_magic(path: Path) -> bytes:
+    data = path.read_bytes()
+    return data[len(JOURNAL_MAGIC) :] if data.startswith(JOURNAL_MAGIC) else b""
+
+
+def is_queue_id(name: str) -> bool:
     """Our IDs are 22 upper-case hex digits; anything else (a path, "..") names no message."""
     return len(name) == 22 and all(c in "0123456789ABCDEF" for c in name)
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -151,13 +157,18 @@ class Spool:
         """Take the spool's lock or raise SpoolBusy (blocking, but only a flock call)."""
         return SpoolLock(self.root, purpose)
 
+    def ensure_areas(self) -> None:
+        """Create missing message areas (a spool written by an older version); lock holder only."""
+        for area in MESSAGE_AREAS:
+            self.area(area).mkdir(exist_ok=True)
+
     def prepare(self) -> None:
         """Create the areas and clear tmp/ of messages whose sessions died before the 250.
 
         Only the lock holder may call this (it deletes files in tmp/).
         """
-        for area in (self.tmp, self.queue, self.hold, self.failed, self.corrupt):
-            area.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.ensure_areas()
         if not self.maildrop.exists():
             self.maildrop.mkdir()
             # Sticky and writable by every local user, not listable: the sendmail command of
@@ -165,7 +176,7 @@ class Spool:
             os.chmod(self.maildrop, 0o1733)
         for leftover in self.tmp.iterdir():
             leftover.unlink(missing_ok=True)
-        _fsync_directory(self.root)
+        fsync_directory(self.root)
 
     # -- acceptance ---------------------------------------------------------------------------
 
@@ -174,6 +185,12 @@ class Spool:
 
     def new_queue_id(self) -> str:
         return new_queue_id(self._now())
+
+    def write_durably(self, envelope: Envelope, data: bytes) -> None:
+        """A whole message file (``encode_message``) into queue/, blocking, as durably as a
+        message received over SMTP."""
+        file = open(self.tmp / envelope.queue_id, "xb")  # noqa: SIM115 - closed by the callee
+        _finish_durably(self, envelope, file, data)
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -189,7 +206,9 @@ class Spool:
 
         One scandir and one stat per message: for queue/, the mtime is the next attempt time.
         """
-        found = []
+        found: list[tuple[str, float]] = []
+        if not self.area(area).is_dir():
+            return found  # a spool from before the area existed
         with os.scandir(self.area(area)) as entries:
             for entry in entries:
                 name = entry.name
@@ -203,7 +222,7 @@ class Spool:
 
     def area_of(self, queue_id: str) -> str | None:
         """Which area holds the message (blocking); None if none does."""
-        if not _is_queue_id(queue_id):
+        if not is_queue_id(queue_id):
             return None
         for area in MESSAGE_AREAS:
             if (self.area(area) / queue_id).exists():
@@ -269,7 +288,7 @@ class Spool:
         finally:
             os.close(fd)
         if created and durable:
-            _fsync_directory(directory)
+            fsync_directory(directory)
 
     # -- scheduling -------------------------------------------------------------------------------
 
@@ -293,7 +312,7 @@ class Spool:
         directory = self.area(area)
         (directory / queue_id).unlink(missing_ok=True)
         (directory / (queue_id + JOURNAL_SUFFIX)).unlink(missing_ok=True)
-        _fsync_directory(directory)
+        fsync_directory(directory)
 
     def move_to_failed(self, queue_id: str) -> defer.Deferred[None]:
         return self.move(queue_id, QUEUE, FAILED)
@@ -317,8 +336,8 @@ class Spool:
         journal = source_dir / (queue_id + JOURNAL_SUFFIX)
         if journal.exists():
             os.rename(journal, target_dir / journal.name)
-        _fsync_directory(target_dir)
-        _fsync_directory(source_dir)
+        fsync_directory(target_dir)
+        fsync_directory(source_dir)
 
     def reconcile_journals(self) -> int:
         """Journals without their message beside them (a crash inside a move or a removal).
@@ -332,18 +351,61 @@ class Spool:
             directory = self.area(area)
             for path in directory.glob("*" + JOURNAL_SUFFIX):
                 queue_id = path.name[: -len(JOURNAL_SUFFIX)]
-                if (directory / queue_id).exists():
-                    continue
-                home = next(
-                    (a for a in MESSAGE_AREAS if (self.area(a) / queue_id).exists()), None
-                )
-                if home is None:
-                    path.unlink(missing_ok=True)
-                else:
-                    os.rename(path, self.area(home) / path.name)
-                    _fsync_directory(self.area(home))
-                handled += 1
+                if not (directory / queue_id).exists():
+                    handled += self.reconcile_journal(queue_id)
         return handled
+
+    def reconcile_journal(self, queue_id: str) -> int:
+        """Put one message's stray journal back beside it (or delete it if the message is
+        gone); the queue commands run this before acting on a message. Returns 0 or 1."""
+        home = next((a for a in MESSAGE_AREAS if (self.area(a) / queue_id).exists()), None)
+        name = queue_id + JOURNAL_SUFFIX
+        for area in MESSAGE_AREAS:
+            stray = self.area(area) / name
+            if area == home or not stray.exists():
+                continue
+            if home is None:
+                stray.unlink(missing_ok=True)
+                return 1
+            if (self.area(home) / name).exists():
+                # Both exist: never overwrite a journal (it may be the only record of a
+                # delivery); keep the stray's records first, the newer ones after.
+                merged = stray.read_bytes() + _records_after_magic(self.area(home) / name)
+                (self.area(home) / name).write_bytes(merged)
+                stray.unlink()
+            else:
+                os.rename(stray, self.area(home) / name)
+            fsync_directory(self.area(home))
+            return 1
+        return 0
+
+
+def _finish_durably(
+    spool: Spool, envelope: Envelope, file: BinaryIO, data: bytes | bytearray
+) -> None:
+    """Write the last bytes of a message to its open tmp file, fsync it, rename it into
+    queue/, fsync queue/; on any failure remove the copy (never fsync it again) and raise
+    SpoolWriteError. The one durable path for every message that enters queue/."""
+    tmp_path = spool.tmp / envelope.queue_id
+    final_path = spool.queue / envelope.queue_id
+    renamed = False
+    try:
+        try:
+            file.write(data)
+            file.flush()
+            # The mtime is the next attempt time (see the module docstring): now, for a new
+            # message. Set explicitly so it is the same clock the queue schedules with.
+            os.utime(file.fileno(), (envelope.received_at, envelope.received_at))
+            os.fsync(file.fileno())
+        finally:
+            file.close()
+        os.rename(tmp_path, final_path)
+        renamed = True
+        fsync_directory(spool.queue)
+    except OSError as e:
+        # Never fsync again after a failure: drop this copy; the sender keeps its own.
+        (final_path if renamed else tmp_path).unlink(missing_ok=True)
+        raise SpoolWriteError(f"{e.strerror or e}") from e
 
 
 class MessageWriter:
@@ -420,28 +482,16 @@ class MessageWriter:
 
     def _make_durable(self) -> str:
         """In the I/O thread: write what is left, fsync, rename into queue/, fsync queue/."""
-        renamed = False
         try:
             if self._error is not None:
                 raise self._error
             if self._file is None:
                 self._file = open(self._tmp_path, "xb")  # noqa: SIM115 - closed just below
-            self._file.write(self._framed)
-            self._file.flush()
-            # The mtime is the next attempt time (see the module docstring): now, for a new
-            # message. Set explicitly so it is the same clock the queue schedules with.
-            received = self.envelope.received_at
-            os.utime(self._file.fileno(), (received, received))
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.rename(self._tmp_path, self._final_path)
-            renamed = True
-            _fsync_directory(self._spool.queue)
         except OSError as e:
-            # Never fsync again after a failure: drop this copy; the client keeps its own.
             self._close_file()
-            (self._final_path if renamed else self._tmp_path).unlink(missing_ok=True)
+            self._tmp_path.unlink(missing_ok=True)
             raise SpoolWriteError(f"{e.strerror or e}") from e
+        _finish_durably(self._spool, self.envelope, self._file, self._framed)
         return self.envelope.queue_id
 
     def abort(self) -> None:
