@@ -10,12 +10,17 @@ S bytes through the relay. Two rates are reported:
 
 --direct skips the relay and sends straight to the upstream: a baseline for what the client
 side and the upstream can do on this machine.
+
+--preload N fills the spool with N messages deferred for a week before the relay starts (the
+issue's "100 000 messages already deferred"), and reports the time from starting the relay to
+the first 250 and the relay's resident memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import smtplib
@@ -36,6 +41,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from tests.support.net import free_port, port_accepts  # noqa: E402
 from tests.support.upstream import UpstreamProcess  # noqa: E402
+
+from mailrelay.spool.format import Envelope, encode_message  # noqa: E402
+from mailrelay.spool.store import new_queue_id  # noqa: E402
 
 HOST = "127.0.0.1"
 MAIL_FROM = "bench@example.test"
@@ -145,11 +153,43 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:]) or f"({path.name} is empty)"
 
 
+def preload_spool(spool: Path, count: int) -> float:
+    """Write ``count`` messages deferred for a week into spool/queue/, as the relay would have
+    left them (framed, next attempt in the mtime). Returns the seconds it took."""
+    started = time.perf_counter()
+    queue = spool / "queue"
+    queue.mkdir(parents=True)
+    later = time.time() + 7 * 86400
+    body = make_message(0, 0, 1024)
+    received = time.time() - 3600
+    for n in range(count):
+        queue_id = new_queue_id(received + n * 1e-6)
+        envelope = Envelope(
+            queue_id, "old@example.test", (f"r{n}@example.test",), received, "127.0.0.1", "old"
+        )
+        path = queue / queue_id
+        path.write_bytes(encode_message(envelope, body))
+        os.utime(path, (later, later))
+    return time.perf_counter() - started
+
+
+def rss_kib(pid: int, field_name: str = "VmRSS") -> int | None:
+    """A process's resident (VmRSS) or peak resident (VmHWM) memory in KiB, from /proc."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 @dataclass
 class Relay:
     proc: subprocess.Popen[bytes]
     smtp_port: int
     command: list[str]
+    started: float = 0.0  # perf_counter() just before the process was started
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -178,9 +218,10 @@ def start_relay(run_dir: Path, upstream_port: int, connections: int) -> Relay:
     # twistd writes its log to twistd.log; stdout/stderr only carry what happens before the
     # log is set up (bad options, unknown plugin, import errors).
     console = run_dir / "twistd.console"
+    started = time.perf_counter()
     with console.open("wb") as out:
         proc = subprocess.Popen(command, cwd=run_dir, stdout=out, stderr=subprocess.STDOUT)
-    relay = Relay(proc, smtp_port, command)
+    relay = Relay(proc, smtp_port, command, started)
     deadline = time.monotonic() + RELAY_START_TIMEOUT
     while not port_accepts(HOST, smtp_port):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -208,6 +249,7 @@ class ClientResult:
     accepted: int = 0
     rejected: int = 0
     last_250: float | None = None  # perf_counter() of this client's last accepted message
+    first_250: float | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -241,6 +283,8 @@ def _client_loop(
             return
         result.accepted += 1
         result.last_250 = time.perf_counter()
+        if result.first_250 is None:
+            result.first_250 = result.last_250
     try:
         client.quit()
     except (smtplib.SMTPException, OSError):
@@ -254,6 +298,7 @@ class SendResult:
     rejected: int
     acceptance_s: float | None
     errors: list[str]
+    first_250: float | None = None
 
 
 def send_all(port: int, run_no: int, messages: int, size: int, clients: int) -> SendResult:
@@ -291,12 +336,14 @@ def send_all(port: int, run_no: int, messages: int, size: int, clients: int) -> 
     for thread in threads:
         thread.join()
     last = [r.last_250 for r in results if r.last_250 is not None]
+    firsts = [r.first_250 for r in results if r.first_250 is not None]
     return SendResult(
         t0=t0,
         accepted=sum(r.accepted for r in results),
         rejected=sum(r.rejected for r in results),
         acceptance_s=max(last) - t0 if last else None,
         errors=[e for r in results for e in r.errors],
+        first_250=min(firsts) if firsts else None,
     )
 
 
@@ -312,6 +359,9 @@ class RunResult:
     end_to_end_s: float | None
     upstream_connections: int
     problems: list[str]
+    start_to_first_250_s: float | None = None
+    rss_kib: int | None = None
+    peak_rss_kib: int | None = None
 
 
 def wait_delivered(upstream: UpstreamProcess, expected: int, timeout: float) -> float | None:
@@ -355,15 +405,22 @@ def run_once(args: argparse.Namespace, run_no: int, base: Path) -> RunResult:
     run_dir.mkdir()
     with UpstreamProcess(run_dir / "upstream") as upstream:
         relay: Relay | None = None
+        rss = peak = None
         try:
             if args.direct:
                 port = upstream.port
             else:
+                if args.preload:
+                    took = preload_spool(run_dir / "spool", args.preload)
+                    print(f"  preloaded {args.preload} deferred messages in {took:.1f} s")
                 relay = start_relay(run_dir, upstream.port, args.connections)
                 print(f"  relay: {shlex.join(relay.command)}", flush=True)
                 port = relay.smtp_port
             sent = send_all(port, run_no, args.messages, args.size, args.clients)
             done = wait_delivered(upstream, sent.accepted, args.timeout)
+            if relay is not None:
+                rss = rss_kib(relay.proc.pid)
+                peak = rss_kib(relay.proc.pid, "VmHWM")
         finally:
             if relay is not None:
                 relay.stop()
@@ -379,6 +436,11 @@ def run_once(args: argparse.Namespace, run_no: int, base: Path) -> RunResult:
             end_to_end_s=None if done is None else done - sent.t0,
             upstream_connections=upstream.connection_count(),
             problems=problems,
+            start_to_first_250_s=(
+                None if relay is None or sent.first_250 is None else sent.first_250 - relay.started
+            ),
+            rss_kib=rss,
+            peak_rss_kib=peak,
         )
 
 
@@ -414,6 +476,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--direct", action="store_true", help="baseline: send straight to the upstream, no relay"
+    )
+    parser.add_argument(
+        "--preload",
+        type=int,
+        default=0,
+        help="messages deferred for a week in the spool before the relay starts (0)",
     )
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds to wait for delivery per run (300)"
@@ -455,6 +523,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{result.upstream_connections} connections; rejected replies: {result.rejected}",
                 flush=True,
             )
+            if result.start_to_first_250_s is not None:
+                print(
+                    f"  relay start to first 250: {result.start_to_first_250_s:.2f} s; "
+                    f"RSS at the end {result.rss_kib} KiB (peak {result.peak_rss_kib} KiB)",
+                    flush=True,
+                )
             for problem in result.problems:
                 print(f"  PROBLEM: {problem}", flush=True)
 
