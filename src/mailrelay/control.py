@@ -15,7 +15,7 @@ daemon's spool under its lock; so the two modes answer alike.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 from twisted.internet import defer
@@ -25,7 +25,6 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
 
 from mailrelay.spool.admin import QueueCommandError, QueueEntry, SpoolAdmin
-from mailrelay.spool.store import FAILED
 
 log = Logger()
 
@@ -47,9 +46,8 @@ class QueueCommands(Protocol):
 class OfflineCommands:
     """The queue commands on a spool no daemon is running on (the caller holds its lock)."""
 
-    def __init__(self, admin: SpoolAdmin, failed_ids: Callable[[], list[str]]) -> None:
+    def __init__(self, admin: SpoolAdmin) -> None:
         self._admin = admin
-        self._failed_ids = failed_ids
 
     async def listing(self) -> list[QueueEntry]:
         return self._admin.listing()
@@ -69,9 +67,7 @@ class OfflineCommands:
         return self._admin.retry(queue_id) + " (delivered when the daemon runs)"
 
     async def retry_failed(self) -> list[str]:
-        requeued = self._failed_ids()
-        for queue_id in requeued:
-            self._admin.requeue(queue_id)
+        requeued, _set_aside = self._admin.requeue_failed()
         return requeued
 
     async def flush(self) -> list[str]:
@@ -80,11 +76,6 @@ class OfflineCommands:
     async def delete(self, queue_id: str) -> str:
         self._admin.delete(queue_id)
         return "deleted"
-
-
-def offline_commands(admin: SpoolAdmin) -> OfflineCommands:
-    spool = admin.spool
-    return OfflineCommands(admin, lambda: spool.ids(FAILED))
 
 
 def _need_id(request: dict[str, Any]) -> str:
@@ -168,37 +159,59 @@ class ControlProtocol(LineOnlyReceiver, TimeoutMixin):
         self._commands = commands
         self._extra = extra
         self._previous: defer.Deferred[None] = defer.succeed(None)
+        self._pending = 0
 
     def connectionMade(self) -> None:
         self.setTimeout(IDLE_TIMEOUT)
 
+    def connectionLost(self, reason: object = None) -> None:
+        self.setTimeout(None)
+
     def lineReceived(self, line: bytes) -> None:
-        self.resetTimeout()
         try:
             request = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested deeply
             request = None
 
-        async def answer(_: object) -> None:
+        async def answer() -> None:
             reply = await run_command(self._commands, request, self._extra)
-            if request is not None and isinstance(request, dict):
+            if isinstance(request, dict):
                 log.info(
                     "control: {command} {queue_id} -> {outcome}",
                     command=request.get("command"),
                     queue_id=request.get("id") or request.get("scope") or "",
                     outcome="ok" if reply["ok"] else reply["code"],
                 )
-            if self.transport is not None:
-                self.sendLine(json.dumps(reply, separators=(",", ":")).encode())
+            self._reply(json.dumps(reply, separators=(",", ":")).encode())
+
+        self._in_turn(answer)
+
+    def _in_turn(self, step: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``step`` after every earlier request's reply, so replies keep their order.
+        The idle timeout does not run while a request is being served (a long listing)."""
+        self._pending += 1
+        self.setTimeout(None)
+
+        def done(_: object) -> None:
+            self._pending -= 1
+            if self._pending == 0 and self.transport is not None and self.connected:
+                self.setTimeout(IDLE_TIMEOUT)
 
         self._previous = self._previous.addCallback(
-            lambda _: defer.Deferred.fromCoroutine(answer(None))
-        )
+            lambda _: defer.Deferred.fromCoroutine(step())
+        ).addBoth(done)
+
+    def _reply(self, line: bytes) -> None:
+        if self.transport is not None and self.connected:
+            self.sendLine(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.sendLine(b'{"ok":false,"code":"bad-request","error":"request too long"}')
-        if self.transport is not None:
-            self.transport.loseConnection()
+        async def refuse() -> None:
+            self._reply(b'{"ok":false,"code":"bad-request","error":"request too long"}')
+            if self.transport is not None:
+                self.transport.loseConnection()
+
+        self._in_turn(refuse)
 
     def timeoutConnection(self) -> None:
         if self.transport is not None:

@@ -16,7 +16,9 @@ is indexed (so a crash-window leftover is recognised while its queue copy is sti
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +33,7 @@ from mailrelay.config import SMTPConfig
 from mailrelay.metrics import Metrics
 from mailrelay.spool.format import CorruptSpoolFile, Envelope, decode_message, encode_message
 from mailrelay.spool.maildrop import MaildropError, validate
-from mailrelay.spool.store import Spool, fsync_directory, is_queue_id
+from mailrelay.spool.store import Spool, SpoolWriteError, fsync_directory, is_queue_id
 
 # Framing adds a few bytes per 256 KiB record; a file much bigger than the size limit is
 # refused without being read.
@@ -48,6 +50,14 @@ class Adopted:
 
 @attrs.frozen
 class Refused:
+    name: str
+    reason: str
+
+
+@attrs.frozen
+class Stuck:
+    """An entry left in the maildrop for now (reported once per daemon life)."""
+
     name: str
     reason: str
 
@@ -75,6 +85,7 @@ class MaildropPickup:
         self._loop: task.LoopingCall | None = None
         self._busy = False
         self._waiters: list[defer.Deferred[int]] = []
+        self._reported_stuck: set[str] = set()
 
     def start_polling(self) -> None:
         self._loop = task.LoopingCall(self.pickup)
@@ -119,6 +130,15 @@ class MaildropPickup:
         results = await self._spool.run(self.adopt_all)
         adopted = 0
         for result in results:
+            if isinstance(result, Stuck):
+                if result.name not in self._reported_stuck:
+                    self._reported_stuck.add(result.name)
+                    self.log.error(
+                        "maildrop entry {name} left in place: {reason}",
+                        name=result.name,
+                        reason=result.reason,
+                    )
+                continue
             if isinstance(result, Refused):
                 self._metrics.messages_rejected.labels("maildrop").inc()
                 self.log.error(
@@ -145,46 +165,46 @@ class MaildropPickup:
 
     # -- in the I/O thread ------------------------------------------------------------------------
 
-    def adopt_all(self) -> list[Adopted | Refused]:
+    def adopt_all(self) -> list[Adopted | Refused | Stuck]:
         maildrop = self._spool.maildrop
         try:
             names = os.listdir(maildrop)
         except FileNotFoundError:
             return []
-        results: list[Adopted | Refused] = []
+        results: list[Adopted | Refused | Stuck] = []
         for name in sorted(names):
-            if name.startswith("."):
-                self._remove_if_stale(maildrop / name)
-                continue
-            result = self._adopt(name)
+            try:
+                if name.startswith("."):
+                    self._remove_if_stale(maildrop / name)
+                    continue
+                result = self._adopt(name)
+            except OSError as e:
+                # One entry we cannot handle (another user's directory, a file we may not
+                # remove) must not stop the others, on this pass or any later one.
+                result = Stuck(name, f"{e.strerror or e}")
             if result is not None:
                 results.append(result)
-        if results:
+        if any(isinstance(r, Adopted | Refused) for r in results):
             fsync_directory(maildrop)
         return results
 
     def _remove_if_stale(self, path: Path) -> None:
-        try:
-            if path.stat().st_mtime < self._now() - STALE_TMP:
-                path.unlink()
-        except FileNotFoundError:
-            pass
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) or st.st_mtime >= self._now() - STALE_TMP:
+            return
+        path.unlink(missing_ok=True)
 
-    def _adopt(self, name: str) -> Adopted | Refused | None:
+    def _adopt(self, name: str) -> Adopted | Refused | Stuck | None:
         source = self._spool.maildrop / name
         try:
-            st = os.lstat(source)
             if not is_queue_id(name):
                 raise MaildropError("not a queue ID")
             if (self._spool.queue / name).exists():
                 # Adopted before a crash that came before the maildrop copy was removed.
                 source.unlink()
                 return None
-            if not os.path.isfile(source) or os.path.islink(source):
-                raise MaildropError("not a regular file")
-            if st.st_size > self._limits.max_message_size + _FRAMING_ALLOWANCE:
-                raise MaildropError("larger than smtp.max_message_size")
-            stored = decode_message(source.read_bytes())
+            data, owner = self._read_untrusted(source)
+            stored = decode_message(data)
             if stored.envelope.queue_id != name:
                 raise MaildropError("the envelope names another queue ID")
             validate(
@@ -195,17 +215,41 @@ class MaildropPickup:
             )
         except FileNotFoundError:
             return None  # gone meanwhile
-        except (MaildropError, CorruptSpoolFile, OSError) as e:
+        except (MaildropError, CorruptSpoolFile) as e:
             self._quarantine(source, name)
             return Refused(name, str(e))
         # The uid is the file owner's, from the kernel, not whatever the file claims.
-        envelope = attrs.evolve(stored.envelope, client=f"sendmail uid={st.st_uid}")
-        self._spool.write_durably(envelope, encode_message(envelope, stored.body))
+        envelope = attrs.evolve(stored.envelope, client=f"sendmail uid={owner}")
+        try:
+            self._spool.write_durably(envelope, encode_message(envelope, stored.body))
+        except SpoolWriteError as e:
+            return Stuck(name, f"cannot write it into queue/: {e}")  # tried again next pass
         source.unlink()
         return Adopted(envelope, len(stored.body))
+
+    def _read_untrusted(self, path: Path) -> tuple[bytes, int]:
+        """The file's bytes and owner, checked on the open file itself: a user cannot swap in
+        a symlink after the check (O_NOFOLLOW), and a FIFO cannot block us (O_NONBLOCK)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise MaildropError("not a regular file (a symbolic link)") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise MaildropError("not a regular file")
+            if st.st_size > self._limits.max_message_size + _FRAMING_ALLOWANCE:
+                raise MaildropError("larger than smtp.max_message_size")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read(self._limits.max_message_size + _FRAMING_ALLOWANCE + 1)
+        finally:
+            os.close(fd)
+        return data, st.st_uid
 
     def _quarantine(self, source: Path, name: str) -> None:
         try:
             os.rename(source, self._spool.corrupt / f"maildrop-{name}")
         except OSError:
-            source.unlink(missing_ok=True)
+            source.unlink(missing_ok=True)  # a directory raises here: the caller reports it

@@ -38,7 +38,7 @@ from mailrelay.outbound.results import Kind, OutboundMessage
 from mailrelay.outbound.router import RoutedResult, Router
 from mailrelay.spool.admin import ACTIVE, QueueCommandError, QueueEntry, SpoolAdmin
 from mailrelay.spool.format import CorruptSpoolFile, Envelope, Outcome, Status, last_outcomes
-from mailrelay.spool.store import FAILED, HOLD, QUEUE, Spool
+from mailrelay.spool.store import HOLD, QUEUE, Spool
 
 # Messages indexed per reactor turn at start: 100 000 queued messages never stall the
 # reactor for long, so new mail is accepted while the index fills.
@@ -564,22 +564,17 @@ class DeliveryQueue:
         return done
 
     async def retry_failed(self) -> list[str]:
-        requeued = []
-        for queue_id in await self._spool.run(self._spool.ids, FAILED):
-            try:
-                await self._spool.run(self._admin.requeue, queue_id)
-            except CorruptSpoolFile as e:
-                # One damaged dead letter must not stop the others.
-                self._metrics.corrupt_files.inc()
-                self.log.error(
-                    "{queue_id} dead letter is corrupt, moved to corrupt/: {reason}",
-                    queue_id=queue_id,
-                    reason=str(e),
-                )
-                await self._spool.move_to_corrupt(queue_id, FAILED)
-                continue
+        requeued, set_aside = await self._spool.run(self._admin.requeue_failed)
+        for queue_id, reason in set_aside:
+            # One damaged dead letter must not stop the others.
+            self._metrics.corrupt_files.inc()
+            self.log.error(
+                "{queue_id} dead letter is corrupt, moved to corrupt/: {reason}",
+                queue_id=queue_id,
+                reason=reason,
+            )
+        for queue_id in requeued:
             self._make_ready(queue_id)
-            requeued.append(queue_id)
         if requeued:
             self.log.info("{count} dead letter(s) requeued by the operator", count=len(requeued))
         return requeued

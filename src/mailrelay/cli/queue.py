@@ -28,17 +28,20 @@ from zope.interface import implementer
 from mailrelay.blocking import InlineRunner
 from mailrelay.cli import control_client
 from mailrelay.config import ConfigError, load
-from mailrelay.control import offline_commands, run_command
+from mailrelay.control import OfflineCommands, run_command
 from mailrelay.spool.admin import SpoolAdmin
 from mailrelay.spool.store import Spool, SpoolBusy
 
 EX_FAILED = 1
+EX_USAGE = 64
 EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
+
+REPLY_EXIT_CODES = {"unknown-id": EX_FAILED, "wrong-state": EX_FAILED, "bad-request": EX_USAGE}
 
 # A listing of 100 000 messages reads every envelope: give it time.
 LIST_TIMEOUT = 300.0
@@ -108,7 +111,7 @@ def cmd_queue(args: argparse.Namespace, config_path: str | None) -> int:
     except CommandFailed as e:
         return _fail(e.code, e.message)
     if not reply.get("ok"):
-        code = EX_FAILED if reply.get("code") in ("unknown-id", "wrong-state") else EX_SOFTWARE
+        code = REPLY_EXIT_CODES.get(str(reply.get("code")), EX_SOFTWARE)
         return _fail(code, str(reply.get("error")))
     if getattr(args, "json", False):
         json.dump(reply["result"], sys.stdout, indent=2)
@@ -158,7 +161,7 @@ def _run_offline(root: Path, request: dict[str, Any]) -> dict[str, Any]:
         raise CommandFailed(EX_NOPERM, f"cannot lock the spool {root}: {e.strerror}") from None
     try:
         spool.ensure_areas()
-        commands = offline_commands(SpoolAdmin(spool, time.time))
+        commands = OfflineCommands(SpoolAdmin(spool, time.time))
         d = defer.Deferred.fromCoroutine(run_command(commands, request))
         # Every step is synchronous here (InlineRunner, no reactor): d has fired.
         replies: list[dict[str, Any]] = []

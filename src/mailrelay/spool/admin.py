@@ -225,6 +225,21 @@ class SpoolAdmin:
         self._spool.move_now(queue_id, FAILED, QUEUE)
         self._spool.set_next_attempt_now(queue_id, now)
 
+    def requeue_failed(self) -> tuple[list[str], list[tuple[str, str]]]:
+        """Requeue every dead letter; one whose file is damaged goes to corrupt/ instead of
+        stopping the rest. Returns (requeued IDs, [(ID, why) set aside])."""
+        requeued: list[str] = []
+        set_aside: list[tuple[str, str]] = []
+        for queue_id in self._spool.ids(FAILED):
+            try:
+                self.requeue(queue_id)
+            except CorruptSpoolFile as e:
+                self._spool.move_now(queue_id, FAILED, CORRUPT)
+                set_aside.append((queue_id, str(e)))
+                continue
+            requeued.append(queue_id)
+        return requeued, set_aside
+
     def delete(self, queue_id: str) -> str:
         area = self.find(queue_id)
         self._spool.remove_now(queue_id, area)
