@@ -253,3 +253,5 @@ class MaildropPickup:
             os.rename(source, self._spool.corrupt / f"maildrop-{name}")
         except OSError:
             source.unlink(missing_ok=True)  # a directory raises here: the caller reports it
+            return
+        fsync_directory(self._spool.corrupt)  # kept for a person to look at, so kept durably

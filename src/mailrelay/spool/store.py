@@ -17,6 +17,10 @@ Layout under the spool path::
 Durability contract: ``MessageWriter.commit`` writes the tmp file, fsyncs it, renames it into
 ``queue/`` and fsyncs the directory; only when that Deferred fires may the server say 250.
 If any step fails the copy is removed and never delivered (no fsync retry: "fsyncgate").
+
+Every file-system call for messages and journals goes through ``Spool.fs`` (``FileSystem`` in
+mailrelay.spool.fs: plain ``os`` calls by default), so a test can model a power cut; the lock
+does not.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -46,13 +50,15 @@ from mailrelay.spool.format import (
     CorruptSpoolFile,
     Envelope,
     Outcome,
+    Status,
     StoredMessage,
     decode_message,
     end_record,
-    journal_end,
     read_journal,
     record,
 )
+from mailrelay.spool.fs import REAL_FS, FileSystem, SpoolFile
+from mailrelay.spool.fs import fsync_directory as fsync_directory  # pickup, maildrop use it
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -113,8 +119,7 @@ def new_queue_id(now: float) -> str:
     return f"{int(now * 1_000_000):014X}{secrets.randbits(32):08X}"
 
 
-def _records_after_magic(path: Path) -> bytes:
-    data = path.read_bytes()
+def _records_after_magic(data: bytes) -> bytes:
     return data[len(JOURNAL_MAGIC) :] if data.startswith(JOURNAL_MAGIC) else b""
 
 
@@ -123,19 +128,21 @@ def is_queue_id(name: str) -> bool:
     return len(name) == 22 and all(c in "0123456789ABCDEF" for c in name)
 
 
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Spool:
     log = Logger()
 
-    def __init__(self, root: Path, runner: BlockingRunner, now: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        root: Path,
+        runner: BlockingRunner,
+        now: Callable[[], float] = time.time,
+        *,
+        fs: FileSystem = REAL_FS,
+    ):
+        """``fs``: every file-system call for messages and journals goes through it (the real
+        one by default; a test passes one that models power loss). The lock does not."""
         self.root = root
+        self.fs = fs
         self.tmp = root / "tmp"
         self.queue = root / QUEUE
         self.hold = root / HOLD
@@ -160,23 +167,24 @@ class Spool:
     def ensure_areas(self) -> None:
         """Create missing message areas (a spool written by an older version); lock holder only."""
         for area in MESSAGE_AREAS:
-            self.area(area).mkdir(exist_ok=True)
+            self.fs.mkdir(self.area(area), exist_ok=True)
 
     def prepare(self) -> None:
         """Create the areas and clear tmp/ of messages whose sessions died before the 250.
 
         Only the lock holder may call this (it deletes files in tmp/).
         """
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        fs = self.fs
+        fs.mkdir(self.tmp, parents=True, exist_ok=True)
         self.ensure_areas()
-        if not self.maildrop.exists():
-            self.maildrop.mkdir()
+        if not fs.exists(self.maildrop):
+            fs.mkdir(self.maildrop)
             # Sticky and writable by every local user, not listable: the sendmail command of
             # another user (PHP's mail(), cron) can drop a message but not see or take others.
-            os.chmod(self.maildrop, 0o1733)
-        for leftover in self.tmp.iterdir():
-            leftover.unlink(missing_ok=True)
-        fsync_directory(self.root)
+            fs.chmod(self.maildrop, 0o1733)
+        for leftover in fs.listdir(self.tmp):
+            fs.unlink(self.tmp / leftover, missing_ok=True)
+        fs.fsync_directory(self.root)
 
     # -- acceptance ---------------------------------------------------------------------------
 
@@ -189,7 +197,7 @@ class Spool:
     def write_durably(self, envelope: Envelope, data: bytes) -> None:
         """A whole message file (``encode_message``) into queue/, blocking, as durably as a
         message received over SMTP."""
-        file = open(self.tmp / envelope.queue_id, "xb")  # noqa: SIM115 - closed by the callee
+        file = self.fs.create_exclusive(self.tmp / envelope.queue_id)  # closed by the callee
         _finish_durably(self, envelope, file, data)
 
     # -- reading ----------------------------------------------------------------------------------
@@ -207,9 +215,9 @@ class Spool:
         One scandir and one stat per message: for queue/, the mtime is the next attempt time.
         """
         found: list[tuple[str, float]] = []
-        if not self.area(area).is_dir():
+        if not self.fs.is_dir(self.area(area)):
             return found  # a spool from before the area existed
-        with os.scandir(self.area(area)) as entries:
+        with self.fs.scandir(self.area(area)) as entries:
             for entry in entries:
                 name = entry.name
                 if name.startswith(".") or name.endswith(JOURNAL_SUFFIX):
@@ -225,7 +233,7 @@ class Spool:
         if not is_queue_id(queue_id):
             return None
         for area in MESSAGE_AREAS:
-            if (self.area(area) / queue_id).exists():
+            if self.fs.exists(self.area(area) / queue_id):
                 return area
         return None
 
@@ -235,14 +243,16 @@ class Spool:
         return self._runner.run(self.load_now, queue_id, area)
 
     def load_now(self, queue_id: str, area: str = QUEUE) -> tuple[StoredMessage, list[Outcome]]:
-        message = decode_message((self.area(area) / queue_id).read_bytes())
+        message = decode_message(self.fs.read_bytes(self.area(area) / queue_id))
         if message.envelope.queue_id != queue_id:
             raise CorruptSpoolFile("envelope names another queue ID")
         return message, self.journal_now(queue_id, area)
 
     def journal_now(self, queue_id: str, area: str = QUEUE) -> list[Outcome]:
         try:
-            journal = read_journal((self.area(area) / (queue_id + JOURNAL_SUFFIX)).read_bytes())
+            journal = read_journal(
+                self.fs.read_bytes(self.area(area) / (queue_id + JOURNAL_SUFFIX))
+            )
         except FileNotFoundError:
             return []
         if journal.damaged:
@@ -260,7 +270,7 @@ class Spool:
         self, queue_id: str, outcomes: Sequence[Outcome], durable: bool = True, area: str = QUEUE
     ) -> defer.Deferred[None]:
         """Append records; ``durable=False`` skips the fsyncs (a marker a process crash keeps,
-        that power loss may lose)."""
+        that power loss may lose): only for "sending" markers."""
         return self._runner.run(self.append_journal_now, queue_id, outcomes, durable, area)
 
     def append_journal_now(
@@ -269,26 +279,32 @@ class Spool:
         payload = b"".join(record(TAG_OUTCOME, o.to_json()) for o in outcomes)
         directory = self.area(area)
         path = directory / (queue_id + JOURNAL_SUFFIX)
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        fs = self.fs
+        fd = fs.open_append(path)
         try:
-            size = os.fstat(fd).st_size
-            if size and (end := journal_end(os.pread(fd, size, 0))) < size:
+            size = fs.size(fd)
+            existing = read_journal(fs.pread(fd, size, 0)) if size else None
+            if existing is not None and existing.end < size:
                 # A torn tail (crash mid-append) or other damage: cut it off first, or the
                 # records appended now would sit behind it and never be read.
-                os.ftruncate(fd, end)
-                size = end
+                fs.truncate(fd, existing.end)
+                size = existing.end
             if size == 0:
                 payload = JOURNAL_MAGIC + payload
-                created = True
-            else:
-                created = False
-            os.write(fd, payload)
+            # The file's name is durable once its directory was fsynced after the first
+            # durable append. Before that the file may have been created by a "sending"
+            # marker (no fsync of the file nor of its directory; by this process or one that
+            # died): a power cut would lose the journal with every outcome fsynced into it.
+            name_durable = existing is not None and any(
+                o.status is not Status.SENDING for o in existing.outcomes
+            )
+            fs.write(fd, payload)
             if durable:
-                os.fsync(fd)
+                fs.fsync(fd)
         finally:
-            os.close(fd)
-        if created and durable:
-            fsync_directory(directory)
+            fs.close(fd)
+        if durable and not name_durable:
+            fs.fsync_directory(directory)
 
     # -- scheduling -------------------------------------------------------------------------------
 
@@ -299,7 +315,7 @@ class Spool:
         """Record the next attempt time in the message's mtime. Not fsynced: if a crash loses
         it, the message is only tried sooner than planned."""
         with contextlib.suppress(FileNotFoundError):
-            os.utime(self.queue / queue_id, (when, when))
+            self.fs.utime(self.queue / queue_id, when)
 
     # -- leaving the queue ------------------------------------------------------------------------
 
@@ -310,9 +326,9 @@ class Spool:
         # The message goes first: a journal left alone is cleaned up at the next start,
         # a message left without its journal would be sent again.
         directory = self.area(area)
-        (directory / queue_id).unlink(missing_ok=True)
-        (directory / (queue_id + JOURNAL_SUFFIX)).unlink(missing_ok=True)
-        fsync_directory(directory)
+        self.fs.unlink(directory / queue_id, missing_ok=True)
+        self.fs.unlink(directory / (queue_id + JOURNAL_SUFFIX), missing_ok=True)
+        self.fs.fsync_directory(directory)
 
     def move_to_failed(self, queue_id: str) -> defer.Deferred[None]:
         return self.move(queue_id, QUEUE, FAILED)
@@ -331,13 +347,14 @@ class Spool:
         In queue/, the other order would leave a message without its journal: every
         recipient sent again.
         """
+        fs = self.fs
         source_dir, target_dir = self.area(source), self.area(target)
-        os.rename(source_dir / queue_id, target_dir / queue_id)
+        fs.rename(source_dir / queue_id, target_dir / queue_id)
         journal = source_dir / (queue_id + JOURNAL_SUFFIX)
-        if journal.exists():
-            os.rename(journal, target_dir / journal.name)
-        fsync_directory(target_dir)
-        fsync_directory(source_dir)
+        if fs.exists(journal):
+            fs.rename(journal, target_dir / journal.name)
+        fs.fsync_directory(target_dir)
+        fs.fsync_directory(source_dir)
 
     def reconcile_journals(self) -> int:
         """Journals without their message beside them (a crash inside a move or a removal).
@@ -349,43 +366,76 @@ class Spool:
         handled = 0
         for area in MESSAGE_AREAS:
             directory = self.area(area)
-            for path in directory.glob("*" + JOURNAL_SUFFIX):
-                queue_id = path.name[: -len(JOURNAL_SUFFIX)]
-                if not (directory / queue_id).exists():
+            try:
+                names = self.fs.listdir(directory)
+            except FileNotFoundError:
+                continue  # a spool from before the area existed
+            for name in names:
+                if not name.endswith(JOURNAL_SUFFIX):
+                    continue
+                queue_id = name[: -len(JOURNAL_SUFFIX)]
+                if not self.fs.exists(directory / queue_id):
                     handled += self.reconcile_journal(queue_id)
         return handled
 
     def reconcile_journal(self, queue_id: str) -> int:
         """Put one message's stray journal back beside it (or delete it if the message is
         gone); the queue commands run this before acting on a message. Returns 0 or 1."""
-        home = next((a for a in MESSAGE_AREAS if (self.area(a) / queue_id).exists()), None)
+        fs = self.fs
+        home = next((a for a in MESSAGE_AREAS if fs.exists(self.area(a) / queue_id)), None)
         name = queue_id + JOURNAL_SUFFIX
         for area in MESSAGE_AREAS:
             stray = self.area(area) / name
-            if area == home or not stray.exists():
+            if area == home or not fs.exists(stray):
                 continue
             if home is None:
-                stray.unlink(missing_ok=True)
+                fs.unlink(stray, missing_ok=True)
                 return 1
-            if (self.area(home) / name).exists():
+            kept = self.area(home) / name
+            if fs.exists(kept):
                 # Both exist: never overwrite a journal (it may be the only record of a
-                # delivery); keep the stray's records first, the newer ones after.
-                merged = stray.read_bytes() + _records_after_magic(self.area(home) / name)
-                (self.area(home) / name).write_bytes(merged)
-                stray.unlink()
+                # delivery); keep the stray's records first, the newer ones after (a torn
+                # tail of the stray cut off, or it would hide them). The merged journal
+                # replaces the kept one durably before the stray goes: after a power cut in
+                # between, both are still there and are merged again.
+                older = fs.read_bytes(stray)
+                older = older[: read_journal(older).end] or JOURNAL_MAGIC
+                self._replace_durably(kept, older + _records_after_magic(fs.read_bytes(kept)))
+                fs.unlink(stray)
             else:
-                os.rename(stray, self.area(home) / name)
-            fsync_directory(self.area(home))
+                fs.rename(stray, kept)
+                fs.fsync_directory(self.area(home))
+            # The stray's removal durable too, or a power cut brings it back (merged again:
+            # its records twice, harmless, but avoidable).
+            fs.fsync_directory(self.area(area))
             return 1
         return 0
 
+    def _replace_durably(self, path: Path, data: bytes) -> None:
+        """Replace a file's content so that a power cut leaves the old or the new content,
+        never a mix or nothing: a hidden temporary file beside it (scan skips dot names),
+        fsynced, renamed over it, the directory fsynced."""
+        fs = self.fs
+        temp = path.with_name(f".{path.name}.new")
+        fs.unlink(temp, missing_ok=True)  # left by a crash in an earlier try
+        file = fs.create_exclusive(temp)
+        try:
+            file.write(data)
+            file.flush()
+            fs.fsync(file.fileno())
+        finally:
+            file.close()
+        fs.rename(temp, path)
+        fs.fsync_directory(path.parent)
+
 
 def _finish_durably(
-    spool: Spool, envelope: Envelope, file: BinaryIO, data: bytes | bytearray
+    spool: Spool, envelope: Envelope, file: SpoolFile, data: bytes | bytearray
 ) -> None:
     """Write the last bytes of a message to its open tmp file, fsync it, rename it into
     queue/, fsync queue/; on any failure remove the copy (never fsync it again) and raise
     SpoolWriteError. The one durable path for every message that enters queue/."""
+    fs = spool.fs
     tmp_path = spool.tmp / envelope.queue_id
     final_path = spool.queue / envelope.queue_id
     renamed = False
@@ -395,16 +445,16 @@ def _finish_durably(
             file.flush()
             # The mtime is the next attempt time (see the module docstring): now, for a new
             # message. Set explicitly so it is the same clock the queue schedules with.
-            os.utime(file.fileno(), (envelope.received_at, envelope.received_at))
-            os.fsync(file.fileno())
+            fs.utime_fd(file.fileno(), envelope.received_at)
+            fs.fsync(file.fileno())
         finally:
             file.close()
-        os.rename(tmp_path, final_path)
+        fs.rename(tmp_path, final_path)
         renamed = True
-        fsync_directory(spool.queue)
+        fs.fsync_directory(spool.queue)
     except OSError as e:
         # Never fsync again after a failure: drop this copy; the sender keeps its own.
-        (final_path if renamed else tmp_path).unlink(missing_ok=True)
+        fs.unlink(final_path if renamed else tmp_path, missing_ok=True)
         raise SpoolWriteError(f"{e.strerror or e}") from e
 
 
@@ -428,7 +478,7 @@ class MessageWriter:
         self._body_crc = 0
         self._error: OSError | None = None
         self._closed = False
-        self._file: BinaryIO | None = None
+        self._file: SpoolFile | None = None
 
     @property
     def body_length(self) -> int:
@@ -455,8 +505,8 @@ class MessageWriter:
             self._framed.clear()
             return
         try:
-            if self._file is None:
-                self._file = open(self._tmp_path, "xb")  # noqa: SIM115 - closed by commit/abort
+            if self._file is None:  # closed by commit or abort
+                self._file = self._spool.fs.create_exclusive(self._tmp_path)
             self._file.write(self._framed)
         except OSError as e:
             self._error = e
@@ -473,7 +523,7 @@ class MessageWriter:
     def _discard_after_failure(self, failure: Failure) -> Failure:
         # Whatever failed (even before _make_durable ran), this copy is never delivered.
         self._close_file()
-        self._tmp_path.unlink(missing_ok=True)
+        self._spool.fs.unlink(self._tmp_path, missing_ok=True)
         return failure
 
     def _close_file(self) -> None:
@@ -486,10 +536,10 @@ class MessageWriter:
             if self._error is not None:
                 raise self._error
             if self._file is None:
-                self._file = open(self._tmp_path, "xb")  # noqa: SIM115 - closed just below
+                self._file = self._spool.fs.create_exclusive(self._tmp_path)  # closed below
         except OSError as e:
             self._close_file()
-            self._tmp_path.unlink(missing_ok=True)
+            self._spool.fs.unlink(self._tmp_path, missing_ok=True)
             raise SpoolWriteError(f"{e.strerror or e}") from e
         _finish_durably(self._spool, self.envelope, self._file, self._framed)
         return self.envelope.queue_id
@@ -501,4 +551,4 @@ class MessageWriter:
         self._closed = True
         self._framed.clear()
         self._close_file()
-        self._tmp_path.unlink(missing_ok=True)
+        self._spool.fs.unlink(self._tmp_path, missing_ok=True)

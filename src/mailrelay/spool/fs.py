@@ -1,0 +1,128 @@
+"""The file-system calls the spool makes, behind one small object a test can replace.
+
+``Spool`` (and its ``MessageWriter``) make every file-system call for messages and journals
+through a ``FileSystem``: one method per call, with the same arguments and semantics as the
+``os`` / ``pathlib`` call it stands for. The default, ``REAL_FS``, is exactly those calls (no
+extra work, no caching), so behaviour and speed are those of plain ``os``. A test substitutes
+a subclass, e.g. one that models what survives a power cut (tests/support/powerloss.py).
+
+Each method looks up the ``os`` function when it is called, so a test that monkeypatches
+``os.fsync`` or ``os.rename`` still reaches the spool's calls.
+
+Calls that change what a power cut can leave behind: ``create_exclusive`` and the writes to
+the file it returns, ``open_append``, ``write``, ``truncate``, ``fsync``, ``utime_fd``,
+``utime``, ``rename``, ``unlink``, ``mkdir``, ``chmod``, ``fsync_directory``.
+The others only read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol
+
+
+class SpoolFile(Protocol):
+    """A file opened for writing a message (``open(path, "xb")``): written, flushed, then
+    fsynced through its descriptor (``FileSystem.fsync``), then closed."""
+
+    def write(self, data: bytes | bytearray, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def fileno(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the entries of a directory durable (its creations, renames and removals)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileSystem:
+    """The real file system: each method is the ``os`` / ``pathlib`` call it is named for."""
+
+    # -- message files ----------------------------------------------------------------------
+
+    def create_exclusive(self, path: Path) -> SpoolFile:
+        """A new file, opened for writing; FileExistsError if the name exists."""
+        return open(path, "xb")  # noqa: SIM115 - the caller closes it
+
+    def utime_fd(self, fd: int, when: float) -> None:
+        """Set an open file's atime and mtime."""
+        os.utime(fd, (when, when))
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    # -- journals, by descriptor ------------------------------------------------------------
+
+    def open_append(self, path: Path) -> int:
+        """Open for reading and appending, creating the file (mode 0600) if missing."""
+        return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def size(self, fd: int) -> int:
+        return os.fstat(fd).st_size
+
+    def pread(self, fd: int, length: int, offset: int) -> bytes:
+        return os.pread(fd, length, offset)
+
+    def truncate(self, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
+
+    def write(self, fd: int, data: bytes) -> int:
+        return os.write(fd, data)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    # -- names ------------------------------------------------------------------------------
+
+    def rename(self, source: Path, target: Path) -> None:
+        """``os.rename``: replaces ``target`` if it exists."""
+        os.rename(source, target)
+
+    def unlink(self, path: Path, missing_ok: bool = False) -> None:
+        path.unlink(missing_ok=missing_ok)
+
+    def fsync_directory(self, path: Path) -> None:
+        fsync_directory(path)
+
+    def mkdir(self, path: Path, parents: bool = False, exist_ok: bool = False) -> None:
+        path.mkdir(parents=parents, exist_ok=exist_ok)
+
+    def chmod(self, path: Path, mode: int) -> None:
+        os.chmod(path, mode)
+
+    def utime(self, path: Path, when: float) -> None:
+        """Set a file's atime and mtime by name (FileNotFoundError if it is gone)."""
+        os.utime(path, (when, when))
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read_bytes(self, path: Path) -> bytes:
+        return path.read_bytes()
+
+    def exists(self, path: Path) -> bool:
+        return path.exists()
+
+    def is_dir(self, path: Path) -> bool:
+        return path.is_dir()
+
+    def listdir(self, path: Path) -> list[str]:
+        """Names in a directory, in directory order (FileNotFoundError if it is missing)."""
+        return os.listdir(path)
+
+    def scandir(self, path: Path) -> AbstractContextManager[Iterator[os.DirEntry[str]]]:
+        """``os.scandir``: entries with a cached ``stat`` (one call per entry)."""
+        return os.scandir(path)
+
+
+REAL_FS = FileSystem()
