@@ -42,9 +42,6 @@ sys.path.insert(0, str(REPO_ROOT))
 from tests.support.net import free_port, port_accepts  # noqa: E402
 from tests.support.upstream import UpstreamProcess  # noqa: E402
 
-from mailrelay.spool.format import Envelope, encode_message  # noqa: E402
-from mailrelay.spool.store import new_queue_id  # noqa: E402
-
 HOST = "127.0.0.1"
 MAIL_FROM = "bench@example.test"
 RCPT_TO = "sink@example.test"
@@ -156,6 +153,11 @@ def _tail(path: Path, lines: int = 40) -> str:
 def preload_spool(spool: Path, count: int) -> float:
     """Write ``count`` messages deferred for a week into spool/queue/, as the relay would have
     left them (framed, next attempt in the mtime). Returns the seconds it took."""
+    # Imported here: comparing another version of the relay (PYTHONPATH=<its src>) must not
+    # need these in it.
+    from mailrelay.spool.format import Envelope, encode_message
+    from mailrelay.spool.store import new_queue_id
+
     started = time.perf_counter()
     queue = spool / "queue"
     queue.mkdir(parents=True)
