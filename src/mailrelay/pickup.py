@@ -54,6 +54,11 @@ class Refused:
     reason: str
 
 
+class NotRegularFile(Exception):
+    """A FIFO, directory, symlink...: removed, never kept in corrupt/ (where the queue
+    commands read every file)."""
+
+
 @attrs.frozen
 class Stuck:
     """An entry left in the maildrop for now (reported once per daemon life)."""
@@ -182,6 +187,9 @@ class MaildropPickup:
                 # One entry we cannot handle (another user's directory, a file we may not
                 # remove) must not stop the others, on this pass or any later one.
                 result = Stuck(name, f"{e.strerror or e}")
+            except Exception as e:
+                # Whatever else a hostile file makes our code raise: same rule.
+                result = Stuck(name, f"{type(e).__name__}: {e}")
             if result is not None:
                 results.append(result)
         if any(isinstance(r, Adopted | Refused) for r in results):
@@ -199,8 +207,10 @@ class MaildropPickup:
         try:
             if not is_queue_id(name):
                 raise MaildropError("not a queue ID")
-            if (self._spool.queue / name).exists():
-                # Adopted before a crash that came before the maildrop copy was removed.
+            if self._spool.area_of(name) is not None:
+                # Adopted before a crash that came before the maildrop copy was removed (and
+                # maybe held or failed since), or a file naming another message's ID: either
+                # way the message with that ID is the spool's, never replaced from here.
                 source.unlink()
                 return None
             data, owner = self._read_untrusted(source)
@@ -218,8 +228,17 @@ class MaildropPickup:
         except (MaildropError, CorruptSpoolFile) as e:
             self._quarantine(source, name)
             return Refused(name, str(e))
-        # The uid is the file owner's, from the kernel, not whatever the file claims.
-        envelope = attrs.evolve(stored.envelope, client=f"sendmail uid={owner}")
+        except NotRegularFile as e:
+            try:
+                source.unlink()
+            except IsADirectoryError:
+                source.rmdir()  # a directory with something in it raises: reported, left
+            return Refused(name, str(e))
+        # The uid is the file owner's, from the kernel, not whatever the file claims; the time
+        # is ours too (it is the first next-attempt time and starts the lifetime).
+        envelope = attrs.evolve(
+            stored.envelope, client=f"sendmail uid={owner}", received_at=self._now()
+        )
         try:
             self._spool.write_durably(envelope, encode_message(envelope, stored.body))
         except SpoolWriteError as e:
@@ -234,12 +253,12 @@ class MaildropPickup:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             if e.errno == errno.ELOOP:
-                raise MaildropError("not a regular file (a symbolic link)") from None
+                raise NotRegularFile("not a regular file (a symbolic link)") from None
             raise
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise MaildropError("not a regular file")
+                raise NotRegularFile("not a regular file")
             if st.st_size > self._limits.max_message_size + _FRAMING_ALLOWANCE:
                 raise MaildropError("larger than smtp.max_message_size")
             with os.fdopen(os.dup(fd), "rb") as f:

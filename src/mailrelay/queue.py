@@ -24,7 +24,7 @@ import heapq
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet import defer
@@ -39,6 +39,8 @@ from mailrelay.outbound.router import RoutedResult, Router
 from mailrelay.spool.admin import ACTIVE, QueueCommandError, QueueEntry, SpoolAdmin
 from mailrelay.spool.format import CorruptSpoolFile, Envelope, Outcome, Status, last_outcomes
 from mailrelay.spool.store import HOLD, QUEUE, Spool
+
+T = TypeVar("T")
 
 # Messages indexed per reactor turn at start: 100 000 queued messages never stall the
 # reactor for long, so new mail is accepted while the index fills.
@@ -141,7 +143,8 @@ class DeliveryQueue:
         # While the start-up scan is being indexed: IDs that left queue/ since it was taken.
         self._left_since_scan: set[str] | None = set()
         # Operator commands waiting for a running attempt to end: queue ID -> command.
-        self._after_attempt: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
+        self._after_attempt: dict[str, tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = {}
+        self._command_lock = defer.DeferredLock()
         self._attempts: dict[str, int] = {}
         self._timer: IDelayedCall | None = None
         self._running = False
@@ -157,7 +160,7 @@ class DeliveryQueue:
         orphans = await self._spool.run(self._spool.reconcile_journals)
         if orphans:
             self.log.info("reconciled {count} journal(s) left by a crash", count=orphans)
-        self._held = set(await self._spool.run(self._spool.ids, HOLD))
+        self._held.update(await self._spool.run(self._spool.ids, HOLD))
         scanned = await self._spool.run(_scan_oldest_first, self._spool)
         self._index_chunk(scanned, 0, started)
 
@@ -166,12 +169,15 @@ class DeliveryQueue:
             return
         now = self._clock.seconds()
         left = self._left_since_scan or set()
+        latest = self._policy.maximum * (1 + self._policy.jitter)
         for queue_id, next_attempt in scanned[start : start + INDEX_CHUNK]:
             if queue_id in self._queued or queue_id in left:
                 continue  # indexed since the scan (accepted, retried), or gone (held, done)
             self._queued.add(queue_id)
             if next_attempt > now:
-                self._defer_until(queue_id, next_attempt)
+                # No deferral is ever longer than the backoff's cap: an mtime further ahead
+                # comes from a clock that was set back (or a hand-made file), not from us.
+                self._defer_until(queue_id, min(next_attempt, now + latest))
             else:
                 self._ready.append(queue_id)
         self._pump()
@@ -243,7 +249,7 @@ class DeliveryQueue:
         self._active.pop(queue_id, None)
         waiting = self._after_attempt.pop(queue_id, None)
         if waiting is not None:
-            d = defer.Deferred.fromCoroutine(waiting())
+            d = defer.Deferred.fromCoroutine(waiting[1]())
             d.addErrback(self._command_failed, queue_id)
         self._pump()
 
@@ -458,14 +464,15 @@ class DeliveryQueue:
 
     async def _finish(self, envelope: Envelope, final: dict[str, Outcome], body: bytes) -> None:
         queue_id = envelope.queue_id
-        self._attempts.pop(queue_id, None)
-        self._forget(queue_id)
         failed = [o for o in final.values() if o.status is Status.FAILED]
         if failed and self._reporting_mta is not None and envelope.sender:
             # The DSN is durable in the spool before the original goes: it carries the reasons.
             # (Never to the null sender: a failing bounce is never bounced again.)
             dsn_id = await self._bounce(envelope, failed, body, self._reporting_mta)
             await self._spool.remove(queue_id)
+            # Out of the index only now: if a step above fails, the message is still queued
+            # and the attempt's crash handler tries it again later.
+            self._forget(queue_id)
             self._metrics.messages_bounced.inc()
             self.log.warn(
                 "{queue_id} bounced: {count} recipient(s) failed permanently; DSN {dsn_id} to"
@@ -478,6 +485,7 @@ class DeliveryQueue:
             return
         if failed:
             await self._spool.move_to_failed(queue_id)
+            self._forget(queue_id)
             self._metrics.messages_failed.inc()
             self.log.warn(
                 "{queue_id} moved to failed/: {count} recipient(s) failed permanently",
@@ -486,6 +494,7 @@ class DeliveryQueue:
             )
         else:
             await self._spool.remove(queue_id)
+            self._forget(queue_id)
             self._metrics.messages_delivered.inc()
             self._metrics.delivery_seconds.observe(
                 max(0.0, self._clock.seconds() - envelope.received_at)
@@ -511,6 +520,16 @@ class DeliveryQueue:
 
     # -- operator commands (mailrelay queue ..., through the control channel) --------------------
 
+    # Commands run one at a time (they are rare), so two cannot interleave their file moves
+    # and index updates on one message (a flush re-readying a message a hold is moving).
+
+    async def _one_at_a_time(self, step: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        await self._command_lock.acquire()
+        try:
+            return await step()
+        finally:
+            self._command_lock.release()
+
     async def listing(self) -> list[QueueEntry]:
         entries = await self._spool.run(self._admin.listing)
         return [attrs.evolve(e, state=ACTIVE) if e.queue_id in self._active else e for e in entries]
@@ -521,12 +540,27 @@ class DeliveryQueue:
             report["state"] = ACTIVE
         return report
 
+    def _after_running_attempt(self, queue_id: str, name: str) -> str:
+        """Queue a hold or delete for when the message's running attempt ends. A delete
+        already waiting wins over a later hold: the operator was told it would be deleted."""
+        waiting = self._after_attempt.get(queue_id)
+        if waiting is not None and waiting[0] == "delete":
+            name = "delete"
+        now = self._hold_now if name == "hold" else self._delete_now
+        self._after_attempt[queue_id] = (
+            name,
+            lambda: self._quietly(self._one_at_a_time(lambda: now(queue_id))),
+        )
+        return f"will be {'held' if name == 'hold' else 'deleted'} when its running attempt ends"
+
     async def hold(self, queue_id: str) -> str:
-        if queue_id in self._active:
-            self._after_attempt[queue_id] = lambda: self._quietly(self._hold_now(queue_id))
-            return "will be held when its running attempt ends"
-        await self._hold_now(queue_id)
-        return "held"
+        async def step() -> str:
+            if queue_id in self._active:
+                return self._after_running_attempt(queue_id, "hold")
+            await self._hold_now(queue_id)
+            return "held"
+
+        return await self._one_at_a_time(step)
 
     async def _hold_now(self, queue_id: str) -> None:
         due = self._due.get(queue_id)
@@ -549,51 +583,68 @@ class DeliveryQueue:
             self._defer_until(queue_id, due)
 
     async def release(self, queue_id: str) -> str:
-        await self._spool.run(self._admin.release, queue_id)
-        self._held.discard(queue_id)
-        self.log.info("{queue_id} released by the operator", queue_id=queue_id)
-        self._make_ready(queue_id)
-        return "released"
+        async def step() -> str:
+            await self._spool.run(self._admin.release, queue_id)
+            self._held.discard(queue_id)
+            self.log.info("{queue_id} released by the operator", queue_id=queue_id)
+            self._make_ready(queue_id)
+            return "released"
+
+        return await self._one_at_a_time(step)
 
     async def retry(self, queue_id: str) -> str:
-        if queue_id in self._active:
-            return "being delivered right now"
-        done = await self._spool.run(self._admin.retry, queue_id)
-        self.log.info("{queue_id} {done} by the operator", queue_id=queue_id, done=done)
-        self._make_ready(queue_id)
-        return done
+        async def step() -> str:
+            if queue_id in self._active:
+                return "being delivered right now"
+            done = await self._spool.run(self._admin.retry, queue_id)
+            self.log.info("{queue_id} {done} by the operator", queue_id=queue_id, done=done)
+            self._make_ready(queue_id)
+            return done
+
+        return await self._one_at_a_time(step)
 
     async def retry_failed(self) -> list[str]:
-        requeued, set_aside = await self._spool.run(self._admin.requeue_failed)
-        for queue_id, reason in set_aside:
-            # One damaged dead letter must not stop the others.
-            self._metrics.corrupt_files.inc()
-            self.log.error(
-                "{queue_id} dead letter is corrupt, moved to corrupt/: {reason}",
-                queue_id=queue_id,
-                reason=reason,
-            )
-        for queue_id in requeued:
-            self._make_ready(queue_id)
-        if requeued:
-            self.log.info("{count} dead letter(s) requeued by the operator", count=len(requeued))
-        return requeued
+        async def step() -> list[str]:
+            requeued, set_aside = await self._spool.run(self._admin.requeue_failed)
+            for queue_id in requeued:
+                self._make_ready(queue_id)
+            for queue_id, reason in set_aside:
+                # One damaged dead letter must not stop the others.
+                if reason.startswith("corrupt"):
+                    self._metrics.corrupt_files.inc()
+                self.log.error(
+                    "{queue_id} dead letter set aside: {reason}", queue_id=queue_id, reason=reason
+                )
+            if requeued:
+                self.log.info(
+                    "{count} dead letter(s) requeued by the operator", count=len(requeued)
+                )
+            return requeued
+
+        return await self._one_at_a_time(step)
 
     async def flush(self) -> list[str]:
-        on_disk = await self._spool.run(self._admin.flush)
-        flushed = sorted(set(on_disk) | set(self._due))
-        for queue_id in flushed:
-            if queue_id in self._queued or queue_id in on_disk:
-                self._make_ready(queue_id)
-        self.log.info("flush: {count} deferred message(s) due now", count=len(flushed))
-        return flushed
+        async def step() -> list[str]:
+            on_disk = await self._spool.run(self._admin.flush)
+            flushed = sorted(set(on_disk) | set(self._due))
+            for queue_id in flushed:
+                # Only what the index still holds: a message that left queue/ since the scan
+                # must not come back. (Not yet indexed at start: indexed as due now.)
+                if queue_id in self._queued:
+                    self._make_ready(queue_id)
+            self.log.info("flush: {count} deferred message(s) due now", count=len(flushed))
+            return flushed
+
+        return await self._one_at_a_time(step)
 
     async def delete(self, queue_id: str) -> str:
-        if queue_id in self._active:
-            self._after_attempt[queue_id] = lambda: self._quietly(self._delete_now(queue_id))
-            return "will be deleted when its running attempt ends"
-        await self._delete_now(queue_id)
-        return "deleted"
+        async def step() -> str:
+            if queue_id in self._active:
+                return self._after_running_attempt(queue_id, "delete")
+            await self._delete_now(queue_id)
+            return "deleted"
+
+        return await self._one_at_a_time(step)
 
     async def _delete_now(self, queue_id: str) -> None:
         self._forget(queue_id)

@@ -140,19 +140,25 @@ class _ControlSocketService(internet.StreamServerEndpointService):
         super().privilegedStartService()
 
 
-LOCK_WAIT = 10.0
+# A queue command on a stopped spool holds the lock while it works (listing 100 000 messages
+# takes a while): wait up to this long. Another daemon holds it for good: refuse at once.
+LOCK_WAIT = 120.0
 
 
 def _lock_spool(spool: Spool) -> SpoolLock:
     """The daemon's lock on its spool. A queue command on a stopped spool holds it for
     moments, so wait a little; another daemon holds it for good: refuse to start."""
     deadline = time.monotonic() + LOCK_WAIT
+    waiting_said = False
     while True:
         try:
             return spool.lock("mailrelay daemon")
         except SpoolBusy as e:
-            if time.monotonic() >= deadline:
+            if e.holder_is_daemon or time.monotonic() >= deadline:
                 raise ConfigError(f"spool.path: {e}") from None
+            if not waiting_said:
+                log.warn("waiting for the spool's lock: {why}", why=str(e))
+                waiting_said = True
         time.sleep(0.1)  # before the reactor runs: nothing else is waiting on us
 
 
@@ -190,9 +196,7 @@ def buildService(
     top = _SequentialMultiService()
 
     pool = ThreadPool(minthreads=1, maxthreads=8, name="mailrelay-io")
-    _ThreadPoolService(pool).setServiceParent(top)
     runner = ThreadRunner(reactor, pool)
-
     spool = Spool(Path(config.spool.path), runner, reactor.seconds)
     try:
         spool.root.mkdir(parents=True, exist_ok=True)
@@ -202,7 +206,9 @@ def buildService(
         raise ConfigError(
             f"spool.path: cannot use {config.spool.path!r}: {e.strerror or e}"
         ) from None
+    # The lock first, so it is released last: after the I/O pool has finished its writes.
     _SpoolLockService(lock).setServiceParent(top)
+    _ThreadPoolService(pool).setServiceParent(top)
 
     providers = {p.name: _build_provider(p, reactor, runner, metrics) for p in config.providers}
     router = Router([providers[name] for name in config.routing.default])

@@ -20,7 +20,7 @@ from mailrelay.blocking import BlockingRunner
 from mailrelay.config import SMTPConfig
 from mailrelay.metrics import Metrics
 from mailrelay.pickup import STALE_TMP, MaildropPickup
-from mailrelay.spool.format import Envelope, decode_message, encode_message
+from mailrelay.spool.format import Envelope, decode_message, encode_message, end_record, record
 from mailrelay.spool.maildrop import deposit
 from mailrelay.spool.store import Spool, SpoolWriteError, new_queue_id
 from tests.unit.fakes import LogCapture, has_fired, make_spool, result_of
@@ -132,10 +132,16 @@ def test_a_deposited_message_is_copied_into_the_queue_and_enqueued(w: World) -> 
     source = w.drop(env)
     owner = source.stat().st_uid
 
+    before = time.time()
     assert w.run() == 1
+    after = time.time()
 
-    adopted = attrs.evolve(env, client=f"sendmail uid={owner}")
     stored = decode_message((w.spool.queue / env.queue_id).read_bytes())
+    # The owner comes from the kernel and the time from the daemon, whatever the file says.
+    assert before <= stored.envelope.received_at <= after
+    adopted = attrs.evolve(
+        env, client=f"sendmail uid={owner}", received_at=stored.envelope.received_at
+    )
     assert stored.envelope == adopted
     assert stored.body == BODY
     assert not source.exists()
@@ -146,8 +152,8 @@ def test_a_deposited_message_is_copied_into_the_queue_and_enqueued(w: World) -> 
     assert w.rejected == 0
     assert w.names("corrupt") == [] and w.names("tmp") == []
     # The queue copy is the daemon's own file, written like mail received over SMTP: its
-    # mtime (the next attempt time) is the time it was received.
-    assert (w.spool.queue / env.queue_id).stat().st_mtime == env.received_at
+    # mtime (the next attempt time) is the time it was adopted.
+    assert (w.spool.queue / env.queue_id).stat().st_mtime == adopted.received_at
 
 
 def test_an_empty_or_missing_maildrop_adopts_nothing(w: World) -> None:
@@ -304,10 +310,10 @@ REFUSALS = [
     _too_many_recipients,
     _body_too_big,
     _file_too_big,
-    _symlink,
-    _directory,
-    _fifo,
 ]
+# Not regular files: removed (or, for a directory that is not empty, left and reported), never
+# kept in corrupt/, where the queue commands open every file.
+NOT_FILES = [_symlink, _directory, _fifo]
 
 
 @pytest.mark.parametrize("make", REFUSALS, ids=[f.__name__.lstrip("_") for f in REFUSALS])
@@ -327,14 +333,50 @@ def test_a_file_that_fails_the_checks_goes_to_corrupt_and_is_counted(
     assert reason in text, text
 
 
-def test_a_refused_symlink_is_moved_as_a_link_and_its_target_left_alone(w: World) -> None:
+@pytest.mark.parametrize("make", NOT_FILES, ids=[f.__name__.lstrip("_") for f in NOT_FILES])
+def test_an_entry_that_is_not_a_regular_file_is_removed_not_kept(
+    w: World, make: Callable[[World], tuple[str, str]]
+) -> None:
+    name, reason = make(w)
+    with LogCapture() as logs:
+        assert w.run() == 0
+    assert w.names("maildrop") == [] and w.names("corrupt") == []
+    assert w.enqueued == [] and w.rejected == 1
+    (text,) = [t for t in logs.texts() if t.startswith(f"maildrop file {name} refused")]
+    assert reason in text, text
+
+
+def test_a_refused_symlink_is_removed_and_its_target_left_alone(w: World) -> None:
     _symlink(w)
     target = w.spool.root.parent / "elsewhere"
     before = target.read_bytes()
     w.run()
-    moved = w.spool.corrupt / f"maildrop-{qid(1)}"
-    assert moved.is_symlink() and os.readlink(moved) == str(target)
+    assert not (w.spool.maildrop / qid(1)).is_symlink()
     assert target.read_bytes() == before
+
+
+@pytest.mark.parametrize("area", ["queue", "hold", "failed", "corrupt"])
+def test_a_file_naming_an_id_the_spool_already_has_never_replaces_that_message(
+    w: World, area: str
+) -> None:
+    """A leftover of a crash after adoption, or another user's attempt to overwrite a held
+    message or a dead letter: the spool's message stays as it is."""
+    victim = w.spool.area(area) / qid(1)
+    victim.write_bytes(b"the spool's own message")
+    w.drop(make_envelope(1))
+    assert w.run() == 0
+    assert victim.read_bytes() == b"the spool's own message"
+    assert w.names("maildrop") == [] and w.enqueued == []
+
+
+def test_a_hostile_envelope_does_not_stop_the_pass(w: World) -> None:
+    nested = b"[" * 100_000 + b"]" * 100_000
+    w.write(qid(1), b"MAILRELAY-SPOOL 1\n" + record(b"E", nested) + end_record(0, 0))
+    w.drop(make_envelope(2))
+    with LogCapture():
+        assert w.run() == 1
+    assert w.names("queue") == [qid(2)]
+    assert w.names("maildrop") == []
 
 
 def test_refused_files_do_not_stop_the_good_ones_beside_them(w: World) -> None:

@@ -460,3 +460,41 @@ def test_without_any_config_the_default_spool_is_relative_to_the_working_directo
     assert result.code == 66 and "the embedded default" in result.err
     make_spool(workdir / "spool")
     assert q.run("queue", "list", config=False).code == 0
+
+
+def test_control_characters_from_other_users_never_reach_the_terminal() -> None:
+    from mailrelay.cli.queue import render
+
+    report = {
+        "queue_id": qid(1),
+        "state": "ready",
+        "received_at": None,
+        "size": 1,
+        "sender": "a@example.test",
+        "client": "sendmail uid=1000",
+        "helo": "\x1b]0;owned\x07",
+        "recipient_status": {},
+        "history": [
+            {
+                "recipient": A,
+                "status": "deferred",
+                "reply": "451 \x1b[2Jcleared",
+                "provider": "p1",
+                "at": 0.0,
+                "uncertain": False,
+            }
+        ],
+    }
+    text = render("show", {"id": qid(1)}, report, 0.0)
+    assert "\x1b" not in text and "\x07" not in text
+    assert "?]0;owned?" in text and "451 ?[2Jcleared" in text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand the spool to another user")
+def test_offline_changes_by_another_user_than_the_spools_owner_are_refused(q: Queue) -> None:
+    os.chown(q.root, 65534, 65534)  # the daemon's user, say
+    run = q.run("queue", "hold", q.deferred)
+    assert run.code == 77
+    assert "run this as the spool's owner (uid 65534)" in run.err
+    assert q.deferred in q.ids(QUEUE)
+    assert q.run("queue", "list").code == 0  # reading is fine

@@ -745,7 +745,7 @@ def test_deferred_message_stays_deferred_across_a_restart_until_it_is_due(
 ) -> None:
     before = World(tmp_path)
     queue_id = before.put(1)
-    os.utime(before.spool.queue / queue_id, (500.0, 500.0))  # deferred until t=500
+    os.utime(before.spool.queue / queue_id, (400.0, 400.0))  # deferred until t=400
     times: list[float] = []
     provider = FakeProvider("p1")
     after = World(tmp_path, provider)
@@ -760,12 +760,28 @@ def test_deferred_message_stays_deferred_across_a_restart_until_it_is_due(
 
     assert after.queue.depth() == {"ready": 0, "deferred": 1, "active": 0, "held": 0}
     [entry] = done(after.queue.listing())
-    assert (entry.state, entry.next_attempt) == ("deferred", 500.0)
-    after.clock.advance(399.5)
+    assert (entry.state, entry.next_attempt) == ("deferred", 400.0)
+    after.clock.advance(299.5)
     assert times == []
     after.clock.advance(0.5)
-    assert times == [500.0]
+    assert times == [400.0]
     assert after.queued() == []
+
+
+def test_a_next_attempt_beyond_the_backoff_cap_is_brought_forward_at_start(
+    tmp_path: Path,
+) -> None:
+    """An mtime years ahead (a clock that was set back) must not strand the message."""
+    before = World(tmp_path)
+    queue_id = before.put(1)
+    os.utime(before.spool.queue / queue_id, (1e9, 1e9))
+    provider = FakeProvider("p1")
+    after = World(tmp_path, provider)
+    after.start()
+    cap = POLICY.maximum * (1 + POLICY.jitter)
+    assert [c.getTime() for c in after.clock.getDelayedCalls()] == [pytest.approx(cap)]
+    after.clock.advance(cap)
+    assert ids_sent(provider) == [queue_id]
 
 
 def test_held_message_is_not_attempted_after_a_restart(tmp_path: Path) -> None:
@@ -808,12 +824,12 @@ def test_journal_left_behind_by_a_crash_during_hold_follows_its_message_at_start
 
 
 def spool_ten_messages(w: World, future: set[int]) -> list[str]:
-    """Messages 1..10 in queue/ (as before a restart); those in ``future`` due at t=500."""
+    """Messages 1..10 in queue/ (as before a restart); those in ``future`` due at t=400."""
     ids = []
     for n in range(1, 11):
         queue_id = w.put(n)
         if n in future:
-            os.utime(w.spool.queue / queue_id, (500.0, 500.0))
+            os.utime(w.spool.queue / queue_id, (400.0, 400.0))
         ids.append(queue_id)
     return ids
 
@@ -842,10 +858,10 @@ def test_start_indexes_the_spool_one_chunk_per_reactor_turn(
     assert w.queue.depth() == {"ready": 0, "deferred": 3, "active": 7, "held": 0}
     assert result_of(w.queue.indexed) == 10
     # Only the retry timer is left: no more indexing turns.
-    assert [c.getTime() for c in w.clock.getDelayedCalls()] == [500.0]
+    assert [c.getTime() for c in w.clock.getDelayedCalls()] == [400.0]
 
     provider.release()
-    w.clock.advance(500)
+    w.clock.advance(400)
     provider.release()
     assert sorted(ids_sent(provider)) == [qid(n) for n in range(1, 11)]
     assert w.queued() == []
@@ -906,11 +922,11 @@ def test_message_enqueued_during_indexing_and_also_scanned_is_attempted_once(
 def test_deferred_message_retried_before_its_chunk_is_indexed_keeps_its_new_schedule(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The scan at start saw it due at t=500; the operator's retry supersedes that."""
+    """The scan at start saw it due at t=400; the operator's retry supersedes that."""
     monkeypatch.setattr(mailrelay.queue, "INDEX_CHUNK", 3)
     provider = FakeProvider("p1", answer_all(Kind.TEMPORARY), hold=True)
     w = World(tmp_path, provider)
-    spool_ten_messages(w, future=set(range(1, 11)))  # all due at t=500
+    spool_ten_messages(w, future=set(range(1, 11)))  # all due at t=400
     w.start()
     assert done(w.queue.retry(qid(8))) == "scheduled"
     assert ids_sent(provider) == [qid(8)]
@@ -952,10 +968,76 @@ def test_message_held_before_its_chunk_is_indexed_is_never_attempted(
     spool_ten_messages(w, future={9})
     w.start()
     done(w.queue.hold(qid(8)))  # due
-    done(w.queue.hold(qid(9)))  # deferred until t=500
+    done(w.queue.hold(qid(9)))  # deferred until t=400
     w.clock.advance(0)
     w.clock.advance(1000)
     assert qid(8) not in ids_sent(provider)
     assert qid(9) not in ids_sent(provider)
     assert w.area(HOLD) == [qid(8), qid(9)]
+    assert w.queued() == []
+
+
+# -- review findings ------------------------------------------------------------------------------
+
+
+def test_a_hold_after_a_waiting_delete_does_not_turn_it_into_a_hold(tmp_path: Path) -> None:
+    provider = FakeProvider("p1", answer_all(Kind.TEMPORARY), hold=True)
+    w = World(tmp_path, provider)
+    w.start()
+    queue_id = w.add()
+    assert done(w.queue.delete(queue_id)) == "will be deleted when its running attempt ends"
+    assert done(w.queue.hold(queue_id)) == "will be deleted when its running attempt ends"
+    provider.release()
+    assert w.area(QUEUE) == [] and w.area(HOLD) == []
+
+
+def test_commands_run_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush whose scan was taken before a hold moved the message must not make it ready
+    again: the flush waits for the hold."""
+    provider = FakeProvider("p1", answer_all(Kind.TEMPORARY))
+    w = World(tmp_path, provider)
+    w.start()
+    queue_id = w.add()  # deferred
+    real_run = w.spool.run
+    gate: defer.Deferred[None] = defer.Deferred()
+    calls: list[str] = []
+
+    def run(f: Any, *args: Any) -> defer.Deferred[Any]:
+        calls.append(getattr(f, "__name__", "?"))
+        if len(calls) == 1:  # the hold's move: finishes only when the gate opens
+            return gate.addCallback(lambda _: real_run(f, *args))
+        return real_run(f, *args)
+
+    monkeypatch.setattr(w.spool, "run", run)
+    holding = defer.Deferred.fromCoroutine(w.queue.hold(queue_id))
+    flushing = defer.Deferred.fromCoroutine(w.queue.flush())
+    assert calls == ["hold"]  # the flush has not even scanned yet
+    gate.callback(None)
+    assert result_of(holding) == "held"
+    assert result_of(flushing) == []
+    assert w.area(HOLD) == [queue_id, queue_id + JOURNAL_SUFFIX]
+    w.clock.advance(POLICY.maximum * 10)
+    assert len(provider.delivered) == 1  # only the first attempt: never while held
+
+
+def test_a_failure_while_finishing_keeps_the_message_queued_and_tries_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = FakeProvider("p1")
+    w = World(tmp_path, provider)
+    w.start()
+    real_remove = w.spool.remove
+    failures = [OSError(28, "No space left on device")]
+
+    def remove(queue_id: str, area: str = QUEUE) -> defer.Deferred[None]:
+        if failures:
+            return defer.fail(failures.pop())
+        return real_remove(queue_id, area)
+
+    monkeypatch.setattr(w.spool, "remove", remove)
+    with LogCapture():
+        queue_id = w.add()
+    assert w.queued() == [queue_id]
+    assert w.queue.depth()["deferred"] == 1  # not stranded: indexed, with a retry timer
+    w.clock.advance(POLICY.initial)
     assert w.queued() == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -149,7 +150,17 @@ def _ask_daemon(root: Path, request: dict[str, Any]) -> dict[str, Any] | None:
         raise CommandFailed(EX_UNAVAILABLE, f"the daemon did not answer properly: {e}") from None
 
 
+READ_ONLY = ("list", "show")
+
+
 def _run_offline(root: Path, request: dict[str, Any]) -> dict[str, Any]:
+    owner = root.stat().st_uid
+    if request["command"] not in READ_ONLY and os.geteuid() != owner:
+        # Files we create or move would be ours (root's, say), and the daemon, running as
+        # the spool's owner, could then not use them.
+        raise CommandFailed(
+            EX_NOPERM, f"run this as the spool's owner (uid {owner}): the daemon is stopped"
+        )
     spool = Spool(root, InlineRunner())
     try:
         lock = spool.lock(f"mailrelay queue {request['command']}")
@@ -233,7 +244,7 @@ def _render_list(entries: list[dict[str, Any]], now: float) -> str:
             lines.append(f"{'':<24}last error: {e['last_error']}")
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     lines.append(f"-- {len(entries)} message(s)" + (f": {summary}" if summary else ""))
-    return "\n".join(lines) + "\n"
+    return _printable(lines)
 
 
 def _render_show(report: dict[str, Any], now: float) -> str:
@@ -260,4 +271,10 @@ def _render_show(report: dict[str, Any], now: float) -> str:
         lines.append(
             f"  {_when(h['at'])}  <{h['recipient']}>  {h['status']}{via}: {h['reply']}{maybe}"
         )
-    return "\n".join(lines) + "\n"
+    return _printable(lines)
+
+
+def _printable(lines: list[str]) -> str:
+    """What other users wrote (a sendmail envelope's HELO, an upstream's reply) must not drive
+    the operator's terminal: control characters become "?"."""
+    return "".join("".join(c if c.isprintable() else "?" for c in line) + "\n" for line in lines)

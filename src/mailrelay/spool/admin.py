@@ -7,7 +7,9 @@ of code serves both, so ``mailrelay queue hold`` means the same thing either way
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -90,7 +92,18 @@ class SpoolAdmin:
     # -- reading ----------------------------------------------------------------------------------
 
     def _read_envelope(self, path: os.PathLike[str]) -> Envelope:
-        with open(path, "rb") as f:
+        # O_NOFOLLOW|O_NONBLOCK and a regular-file check on the open file: whatever sits in an
+        # area (corrupt/ keeps files others wrote) can neither redirect nor block the read.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise CorruptSpoolFile("a symbolic link, not a spool file") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CorruptSpoolFile("not a regular file")
+        with os.fdopen(fd, "rb") as f:
             head = f.read(_ENVELOPE_PEEK)
             try:
                 return decode_envelope(head)
@@ -132,27 +145,28 @@ class SpoolAdmin:
             directory = self._spool.area(area)
             for queue_id in self._spool.ids(area):
                 try:
-                    st = os.stat(directory / queue_id)
+                    st = os.lstat(directory / queue_id)
                     entries.append(self.entry(queue_id, area, st.st_mtime, st.st_size))
                 except FileNotFoundError:
                     continue  # delivered or moved while we looked
         entries.sort(key=lambda e: e.queue_id)
         return entries
 
-    def find(self, queue_id: str) -> str:
+    def find(self, queue_id: str, reconcile: bool = True) -> str:
         area = self._spool.area_of(queue_id)
         if area is None:
             raise unknown_id(queue_id)
-        # A crash inside a move can leave the journal behind in another area; act only with
-        # it beside its message, or a requeue could forget what was already delivered.
-        self._spool.reconcile_journal(queue_id)
+        if reconcile:
+            # A crash inside a move can leave the journal behind in another area; act only
+            # with it beside its message, or a requeue could forget what was delivered.
+            self._spool.reconcile_journal(queue_id)
         return area
 
     def show(self, queue_id: str) -> dict[str, Any]:
-        """The envelope and every journal record of one message."""
-        area = self.find(queue_id)
+        """The envelope and every journal record of one message (reads only)."""
+        area = self.find(queue_id, reconcile=False)
         path = self._spool.area(area) / queue_id
-        st = os.stat(path)
+        st = os.lstat(path)
         summary = self.entry(queue_id, area, st.st_mtime, st.st_size)
         report: dict[str, Any] = summary.to_json()
         if summary.state == CORRUPT:
@@ -235,7 +249,11 @@ class SpoolAdmin:
                 self.requeue(queue_id)
             except CorruptSpoolFile as e:
                 self._spool.move_now(queue_id, FAILED, CORRUPT)
-                set_aside.append((queue_id, str(e)))
+                set_aside.append((queue_id, f"corrupt, moved to corrupt/: {e}"))
+                continue
+            except (QueueCommandError, OSError) as e:
+                # Gone meanwhile, or a file we cannot move: the others still go.
+                set_aside.append((queue_id, f"left in failed/: {e}"))
                 continue
             requeued.append(queue_id)
         return requeued, set_aside

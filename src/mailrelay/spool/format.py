@@ -18,6 +18,7 @@ acted on it.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from collections.abc import Iterator
@@ -79,16 +80,19 @@ class Envelope:
     def from_json(cls, data: bytes) -> Envelope:
         try:
             raw = json.loads(data)
+            received_at = float(raw["received_at"])
+            if not math.isfinite(received_at):
+                raise ValueError("received_at is not a finite number")
             return cls(
                 queue_id=str(raw["queue_id"]),
                 sender=str(raw["sender"]),
                 recipients=tuple(str(r) for r in raw["recipients"]),
-                received_at=float(raw["received_at"]),
+                received_at=received_at,
                 client=str(raw["client"]),
                 helo=str(raw["helo"]),
                 body_8bit=bool(raw.get("body_8bit", False)),
             )
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise CorruptSpoolFile(f"bad envelope record: {e}") from None
 
 
@@ -120,7 +124,7 @@ class Outcome:
                 at=float(raw["at"]),
                 uncertain=bool(raw.get("uncertain", False)),
             )
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise CorruptSpoolFile(f"bad journal record: {e}") from None
 
 

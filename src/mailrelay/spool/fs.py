@@ -52,8 +52,10 @@ class FileSystem:
     # -- message files ----------------------------------------------------------------------
 
     def create_exclusive(self, path: Path) -> SpoolFile:
-        """A new file, opened for writing; FileExistsError if the name exists."""
-        return open(path, "xb")  # noqa: SIM115 - the caller closes it
+        """A new file, opened for writing, mode 0600 (mail is private); FileExistsError if
+        the name exists."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        return os.fdopen(fd, "wb")
 
     def utime_fd(self, fd: int, when: float) -> None:
         """Set an open file's atime and mtime."""

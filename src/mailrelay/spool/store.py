@@ -83,6 +83,7 @@ class SpoolBusy(Exception):
 
     def __init__(self, root: Path, holder: str) -> None:
         super().__init__(f"spool {root.absolute()} is in use by another process ({holder})")
+        self.holder_is_daemon = holder.endswith("mailrelay daemon")
 
 
 class SpoolLock:
@@ -165,9 +166,12 @@ class Spool:
         return SpoolLock(self.root, purpose)
 
     def ensure_areas(self) -> None:
-        """Create missing message areas (a spool written by an older version); lock holder only."""
-        for area in MESSAGE_AREAS:
+        """Create missing message areas (a spool written by an older version) and make every
+        area private: the spool root must stay traversable for the maildrop, but queued mail
+        is nobody else's to list or read. Lock holder only."""
+        for area in (*MESSAGE_AREAS, "tmp"):
             self.fs.mkdir(self.area(area), exist_ok=True)
+            self.fs.chmod(self.area(area), 0o700)
 
     def prepare(self) -> None:
         """Create the areas and clear tmp/ of messages whose sessions died before the 250.
@@ -175,7 +179,7 @@ class Spool:
         Only the lock holder may call this (it deletes files in tmp/).
         """
         fs = self.fs
-        fs.mkdir(self.tmp, parents=True, exist_ok=True)
+        fs.mkdir(self.root, parents=True, exist_ok=True)
         self.ensure_areas()
         if not fs.exists(self.maildrop):
             fs.mkdir(self.maildrop)
