@@ -10,14 +10,16 @@ import smtplib
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mailrelay.blocking import InlineRunner
 from mailrelay.cli import control_client
-from mailrelay.spool.format import Status, read_journal
-from mailrelay.spool.store import JOURNAL_SUFFIX, SpoolLock
+from mailrelay.spool.format import Envelope, Outcome, Status, encode_message, read_journal
+from mailrelay.spool.store import FAILED, JOURNAL_SUFFIX, QUEUE, Spool, SpoolLock, new_queue_id
 from tests.support.net import free_port, wait_until
 from tests.support.relay import RelayProcess
 from tests.support.upstream import UpstreamProcess
@@ -259,3 +261,53 @@ def test_a_locked_spool_is_refused_with_75(tmp_path: Path) -> None:
     finally:
         lock.release()
     assert cli.ok("list").splitlines()[-1] == "-- 0 message(s)"
+
+
+def test_retry_of_dead_letters_against_a_running_daemon(tmp_path: Path) -> None:
+    """retry ID / --failed / --all with the daemon running: dead letters go back to queue/ and
+    are tried at once (only the recipient that failed), deferred mail is due now."""
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, InlineRunner())
+    spool.prepare()
+    now = time.time()
+    dead = []
+    for n in range(3):
+        envelope = Envelope(
+            new_queue_id(now - 100 + n), "app@example.com", ("a@example.com", "b@example.com"),
+            now - 100, "127.0.0.1", "app",
+        )  # fmt: skip
+        spool.write_durably(envelope, encode(envelope))
+        spool.append_journal_now(
+            envelope.queue_id,
+            [
+                Outcome("a@example.com", Status.DELIVERED, "250 ok", "primary", now - 90),
+                Outcome("b@example.com", Status.FAILED, "550 5.1.1 unknown", "primary", now - 90),
+            ],
+        )
+        spool.move_now(envelope.queue_id, QUEUE, FAILED)
+        dead.append(envelope.queue_id)
+    refusing = free_port()
+    relay = RelayProcess.with_upstream(tmp_path, refusing)
+    assert relay.config_path is not None
+    cli = Cli(relay.config_path)
+    with relay:
+        assert cli.ok("retry", dead[0]) == f"{dead[0]}: requeued\n"
+        wait_for_attempts(spool_dir, [dead[0]], 1)
+        assert cli.ok("retry", "--failed") == "2 dead letter(s) requeued\n"
+        wait_for_attempts(spool_dir, dead, 1)
+        for queue_id in dead:
+            # Only b, which had failed, was tried again; a stays delivered.
+            outcomes = read_journal(
+                (spool_dir / "queue" / (queue_id + JOURNAL_SUFFIX)).read_bytes()
+            ).outcomes
+            tried = {o.recipient for o in outcomes if o.status is Status.DEFERRED}
+            assert tried == {"b@example.com"}
+        assert (
+            cli.ok("retry", "--all") == "3 deferred message(s) due now, 0 dead letter(s) requeued\n"
+        )
+        wait_for_attempts(spool_dir, dead, 2)
+        assert list((spool_dir / "failed").iterdir()) == []
+
+
+def encode(envelope: Envelope) -> bytes:
+    return encode_message(envelope, b"Subject: dead\r\n\r\nbody\r\n")
