@@ -7,11 +7,19 @@ queue/ is scanned (in the I/O thread, then indexed in chunks while mail is alrea
 a message's mtime is its next attempt time, so deferred mail stays deferred across a restart
 and in-flight mail is ready again at once.
 
-One attempt: load the message and its journal; mark its pending recipients "sending" (a
-marker a process crash keeps, so the next start counts them as possible duplicates); send them
-through the router; journal every outcome durably; then remove the message (all delivered),
-move it to failed/ (all final, some failed), or defer it with exponential backoff and jitter
-until its lifetime runs out.
+One attempt: load the message and its journal; append a marker (queue ID, time) to the
+spool's attempt log (one write() from the reactor thread, no fsync: a process crash keeps it);
+send the pending recipients through the router; journal every outcome durably; then remove
+the message (all delivered: no journal is written at all), move it to failed/ (all final,
+some failed), or defer it with exponential backoff and jitter until its lifetime runs out.
+When the attempt ends, a second record in the attempt log says so.
+
+An attempt that never ended (the process died, or the attempt failed unexpectedly) leaves its
+marker: at start the queue takes those the last life left (for messages still spooled). The
+next attempt of such a message counts its pending recipients whose last journal record is
+older than the marker (or who have none) as possible duplicates: the upstream may have taken
+the message before its outcome was journalled. Each marker is counted once. Markers lost to a
+power cut only mean under-counting (see mailrelay.spool.store).
 
 Operator commands (hold, release, retry, delete, flush) act on the spool through
 ``SpoolAdmin`` (the same code a queue command runs on a stopped daemon's spool) and keep the
@@ -29,7 +37,7 @@ from typing import Any, TypeVar
 import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from mailrelay.bounce import build_dsn
@@ -146,6 +154,11 @@ class DeliveryQueue:
         self._after_attempt: dict[str, tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = {}
         self._command_lock = defer.DeferredLock()
         self._attempts: dict[str, int] = {}
+        # Attempt-log markers (queue ID -> marker time): of attempts that never ended (left by
+        # the last life, or failed unexpectedly in this one), each popped by the message's next
+        # attempt; and of the attempts running now.
+        self._interrupted: dict[str, float] = {}
+        self._markers: dict[str, float] = {}
         self._timer: IDelayedCall | None = None
         self._running = False
         self.indexed: defer.Deferred[int] = defer.Deferred()
@@ -160,6 +173,13 @@ class DeliveryQueue:
         orphans = await self._spool.run(self._spool.reconcile_journals)
         if orphans:
             self.log.info("reconciled {count} journal(s) left by a crash", count=orphans)
+        self._interrupted = await self._spool.run(self._spool.open_attempt_log)
+        if self._interrupted:
+            self.log.info(
+                "{count} message(s) had an attempt interrupted when the relay last stopped;"
+                " counted at their next attempt",
+                count=len(self._interrupted),
+            )
         self._held.update(await self._spool.run(self._spool.ids, HOLD))
         scanned = await self._spool.run(_scan_oldest_first, self._spool)
         self._index_chunk(scanned, 0, started)
@@ -205,6 +225,7 @@ class DeliveryQueue:
         self._timer = None
         await self._router.close()
         await defer.DeferredList(list(self._active.values()))
+        self._spool.close_attempt_log()
 
     def depth(self) -> dict[str, int]:
         return {
@@ -247,6 +268,18 @@ class DeliveryQueue:
 
     def _attempt_done(self, _: object, queue_id: str) -> None:
         self._active.pop(queue_id, None)
+        if self._markers.pop(queue_id, None) is not None:
+            try:
+                self._spool.mark_attempt_done(queue_id)
+            except Exception:
+                # Never into the attempt's Deferred (nobody would handle it). The marker stays:
+                # after a restart, only recipients with no journal record since it would be
+                # counted (none, if the attempt recorded every outcome).
+                self.log.failure(
+                    "{queue_id} end of attempt not written to the attempt log",
+                    queue_id=queue_id,
+                    level=LogLevel.warn,
+                )
         waiting = self._after_attempt.pop(queue_id, None)
         if waiting is not None:
             d = defer.Deferred.fromCoroutine(waiting[1]())
@@ -259,6 +292,11 @@ class DeliveryQueue:
         self.log.failure(
             "{queue_id} delivery attempt failed unexpectedly", failure, queue_id=queue_id
         )
+        # Interrupted: its outcomes may not all be journalled. The next attempt counts the
+        # recipients with no record since the marker (which the attempt log keeps).
+        marker = self._markers.pop(queue_id, None)
+        if marker is not None:
+            self._interrupted[queue_id] = marker
         if queue_id in self._queued:
             self._defer(queue_id, self._policy.initial)
 
@@ -324,13 +362,9 @@ class DeliveryQueue:
 
         if pending:
             # Before the upstream hears of it: after a process crash from here on, the next
-            # start finds this marker last and counts the recipients as possible duplicates.
-            now = self._clock.seconds()
-            await self._spool.append_journal(
-                queue_id,
-                [Outcome(r, Status.SENDING, "attempt started", None, now) for r in pending],
-                durable=False,
-            )
+            # start finds this marker newer than the recipients' last journal records and
+            # counts them as possible duplicates.
+            self._mark_attempt(queue_id)
             message = OutboundMessage(
                 queue_id=queue_id,
                 sender=envelope.sender,
@@ -403,10 +437,31 @@ class DeliveryQueue:
         await self._spool.set_next_attempt(queue_id, due)
         self._defer_until(queue_id, due)
 
+    def _mark_attempt(self, queue_id: str) -> None:
+        now = self._clock.seconds()
+        self._spool.mark_attempt(queue_id, now)  # an OSError fails the attempt: retried later
+        self._markers[queue_id] = now
+        if self._spool.attempt_log_full():
+            try:
+                # What a fresh log must keep: the markers of the attempts running now, and
+                # those of interrupted attempts that no attempt has acted on yet.
+                self._spool.rotate_attempt_log({**self._interrupted, **self._markers})
+            except OSError as e:
+                self.log.error(
+                    "the attempt log could not be rotated (still appending to the old one):"
+                    " {error}",
+                    error=str(e),
+                )
+
     def _count_interrupted(
         self, queue_id: str, pending: tuple[str, ...], last: dict[str, Outcome]
     ) -> None:
-        interrupted = [r for r in pending if r in last and last[r].status is Status.SENDING]
+        marked = self._interrupted.pop(queue_id, None)
+        if marked is None:
+            return
+        # Pending after an attempt that started at ``marked``, with nothing journalled about
+        # them since: the relay died during that attempt.
+        interrupted = [r for r in pending if r not in last or last[r].at < marked]
         if not interrupted:
             return
         self._metrics.possible_duplicates.inc(len(interrupted))

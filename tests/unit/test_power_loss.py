@@ -224,9 +224,7 @@ def test_merging_a_stray_journal_survives_a_power_cut_anywhere(model: Model) -> 
                 spool.prepare()
                 store(spool, envelope(QID, ["a@x.test", "b@x.test"]))
                 spool.move_now(QID, QUEUE, FAILED)
-                spool.append_journal_now(
-                    QID, [_outcome("b@x.test", Status.FAILED, 2.0)], True, FAILED
-                )
+                spool.append_journal_now(QID, [_outcome("b@x.test", Status.FAILED, 2.0)], FAILED)
                 # The stray, with a torn last record (a crash mid-append before the move).
                 (spool.queue / (QID + JOURNAL_SUFFIX)).write_bytes(stray_bytes + b"R\0\0")
                 fs = PowerLossFS(base, cut_at=cut, model=model, seed=seed)
@@ -402,14 +400,14 @@ class Life:
         append, remove, move = spool.append_journal, spool.remove, spool.move
 
         def append_journal(
-            queue_id: str, outcomes: Sequence[Outcome], durable: bool = True, area: str = QUEUE
+            queue_id: str, outcomes: Sequence[Outcome], area: str = QUEUE
         ) -> defer.Deferred[None]:
             def done(_: None) -> None:
                 for o in outcomes:
-                    if durable and o.status.is_final:
+                    if o.status.is_final:
                         self.recorded[queue_id, o.recipient] = o.status
 
-            return append(queue_id, outcomes, durable, area).addCallback(done)
+            return append(queue_id, outcomes, area).addCallback(done)
 
         def removed(queue_id: str, area: str = QUEUE) -> defer.Deferred[None]:
             return remove(queue_id, area).addCallback(lambda _: self.gone.add(queue_id))

@@ -16,7 +16,14 @@ from mailrelay.metrics import Metrics
 from mailrelay.outbound.results import Kind, OutboundMessage, RecipientResult, all_results
 from mailrelay.outbound.router import RecordStep, RoutedResult, Router
 from mailrelay.queue import DeliveryQueue, RetryPolicy
-from mailrelay.spool.format import Outcome, Status, decode_journal
+from mailrelay.spool.format import (
+    ATTEMPTS_MAGIC,
+    Outcome,
+    Status,
+    attempt_done_record,
+    attempt_record,
+    decode_journal,
+)
 from mailrelay.spool.store import JOURNAL_SUFFIX
 from tests.unit.fakes import (
     FakeProvider,
@@ -83,11 +90,10 @@ class World:
         self.queue.enqueue(envelope(queue_id, recipients, received_at=self.clock.seconds()))
         return queue_id
 
-    def journal(self, queue_id: str, area: str = "queue", markers: bool = False) -> list[Outcome]:
-        """The journal's outcomes; with ``markers``, the "sending" records too."""
+    def journal(self, queue_id: str, area: str = "queue") -> list[Outcome]:
+        """The journal's outcomes (none if it has no journal)."""
         path = self.root / area / (queue_id + JOURNAL_SUFFIX)
-        records = decode_journal(path.read_bytes()) if path.exists() else []
-        return [o for o in records if markers or o.status is not Status.SENDING]
+        return decode_journal(path.read_bytes()) if path.exists() else []
 
     def queued(self) -> list[str]:
         """Messages in queue/ (not their journals)."""
@@ -129,16 +135,13 @@ def test_fully_delivered_message_is_removed_without_a_journal_write(
     steps: list[Any] = []
     real_append, real_remove = w.spool.append_journal, w.spool.remove
 
-    def append_journal(
-        queue_id: str, outcomes: list[Outcome], durable: bool = True
-    ) -> defer.Deferred[None]:
-        steps.append(("journal", [(o.recipient, o.status) for o in outcomes], durable))
-        return real_append(queue_id, outcomes, durable)
+    def append_journal(queue_id: str, outcomes: list[Outcome]) -> defer.Deferred[None]:
+        steps.append(("journal", [(o.recipient, o.status) for o in outcomes]))
+        return real_append(queue_id, outcomes)
 
     def remove(queue_id: str) -> defer.Deferred[None]:
-        steps.append(
-            ("remove", [(o.recipient, o.status) for o in w.journal(queue_id, markers=True)])
-        )
+        journal_exists = (w.spool.queue / (queue_id + JOURNAL_SUFFIX)).exists()
+        steps.append(("remove", journal_exists))
         return real_remove(queue_id)
 
     monkeypatch.setattr(w.spool, "append_journal", append_journal)
@@ -151,10 +154,12 @@ def test_fully_delivered_message_is_removed_without_a_journal_write(
         (A, B),
         BODY,
     )
-    # Every recipient delivered: removing the message is the durable record; the only
-    # journal write is the "sending" marker, without fsync.
-    sending = [(A, Status.SENDING), (B, Status.SENDING)]
-    assert steps == [("journal", sending, False), ("remove", sending)]
+    # Every recipient delivered: removing the message is the durable record; no journal is
+    # written (nor created) at all. The attempt's start and end went to the attempt log.
+    assert steps == [("remove", False)]
+    assert w.spool.attempts.read_bytes() == (
+        ATTEMPTS_MAGIC + attempt_record(queue_id, 0.0) + attempt_done_record(queue_id)
+    )
     assert w.queued() == []
     assert w.area("failed") == []
     assert w.queue.depth() == {"ready": 0, "deferred": 0, "active": 0, "held": 0}
@@ -467,14 +472,11 @@ def test_journal_write_failure_keeps_the_message_for_a_later_attempt(
     real_append = w.spool.append_journal
     calls = []
 
-    def failing_append(
-        queue_id: str, outcomes: list[Outcome], durable: bool = True
-    ) -> defer.Deferred[None]:
-        if durable:  # the outcomes, not the "sending" marker
-            calls.append(queue_id)
-            if len(calls) == 1:
-                return defer.fail(OSError(5, "Input/output error"))
-        return real_append(queue_id, outcomes, durable)
+    def failing_append(queue_id: str, outcomes: list[Outcome]) -> defer.Deferred[None]:
+        calls.append(queue_id)
+        if len(calls) == 1:
+            return defer.fail(OSError(5, "Input/output error"))
+        return real_append(queue_id, outcomes)
 
     monkeypatch.setattr(w.spool, "append_journal", failing_append)
     # A partial outcome (B deferred) must be journalled; that write fails.

@@ -33,6 +33,7 @@ from tests.unit.test_queue import POLICY, A, B, World, advance_to_next_timer, qi
 
 T = TypeVar("T")
 C = "c@example.test"
+D = "d@example.test"
 BAD_IDS = [
     "",
     "../x",
@@ -673,15 +674,12 @@ def test_show_gives_the_history_in_order_and_each_recipients_status(tmp_path: Pa
     report = done(w.queue.show(queue_id))
 
     assert report["state"] == "active"
-    assert report["recipient_status"] == {A: "delivered", B: "sending"}
+    assert report["recipient_status"] == {A: "delivered", B: "deferred"}
     assert [(h["recipient"], h["status"], h["provider"], h["at"]) for h in report["history"]] == [
-        (A, "sending", None, 0.0),
-        (B, "sending", None, 0.0),
         (A, "delivered", "p1", 0.0),
         (B, "deferred", "p1", 0.0),
-        (B, "sending", None, 10.0),
     ]
-    assert report["history"][3]["reply"] == "451 4.3.0 try later"
+    assert report["history"][1]["reply"] == "451 4.3.0 try later"
     assert (report["queue_id"], report["sender"], report["recipients"], report["pending"]) == (
         queue_id,
         "sender@example.test",
@@ -699,7 +697,7 @@ def test_show_gives_the_history_in_order_and_each_recipients_status(tmp_path: Pa
     assert report["state"] == "deferred"
     assert report["next_attempt"] == 210.0
     assert report["recipient_status"] == {A: "delivered", B: "deferred"}
-    assert [h["status"] for h in report["history"]][-2:] == ["sending", "deferred"]
+    assert [h["status"] for h in report["history"]] == ["delivered", "deferred", "deferred"]
     assert report["last_error"] == "451 4.3.0 try later"
 
 
@@ -719,25 +717,58 @@ def test_show_of_a_held_message_and_of_a_dead_letter(tmp_path: Path) -> None:
 
 def test_attempt_interrupted_by_a_crash_is_retried_at_start_and_counted(tmp_path: Path) -> None:
     before = World(tmp_path)
-    queue_id = before.put(1, (A, B, C))
-    result_of(before.spool.append_journal(queue_id, [Outcome(A, Status.DELIVERED, "250", "p1", 0)]))
-    # The process died mid-attempt: the "sending" markers are the last records for B and C.
-    markers = [Outcome(r, Status.SENDING, "attempt started", None, 1.0) for r in (B, C)]
-    result_of(before.spool.append_journal(queue_id, markers, durable=False))
+    queue_id = before.put(1, (A, B, C, D))
+    journal = [
+        Outcome(A, Status.DELIVERED, "250", "p1", 0.0),
+        Outcome(B, Status.DEFERRED, "451", "p1", 0.5),
+    ]
+    result_of(before.spool.append_journal(queue_id, journal))
+    # An attempt for B, C and D started at t=1 (its marker in the attempt log); C's outcome
+    # was journalled, then the process died: B and D may have been delivered.
+    before.spool.open_attempt_log()
+    before.spool.mark_attempt(queue_id, 1.0)
+    result_of(
+        before.spool.append_journal(queue_id, [Outcome(C, Status.DEFERRED, "451", "p1", 1.0)])
+    )
+    before.spool.close_attempt_log()  # as the kernel does for a process that died
 
     provider = FakeProvider("p1", answer_all(Kind.TEMPORARY))
     after = World(tmp_path, provider)
     after.clock.advance(5)
     after.start()
 
-    assert [m.recipients for m in provider.delivered] == [(B, C)]
+    assert [m.recipients for m in provider.delivered] == [(B, C, D)]
     assert after.metric("mailrelay_possible_duplicates_total") == 2
     # The next attempt is an ordinary retry: not counted again.
     provider.answer = answer_all(Kind.DELIVERED)
     advance_to_next_timer(after.clock)
-    assert [m.recipients for m in provider.delivered] == [(B, C), (B, C)]
+    assert [m.recipients for m in provider.delivered] == [(B, C, D), (B, C, D)]
     assert after.metric("mailrelay_possible_duplicates_total") == 2
     assert after.queued() == []
+
+
+def test_a_restart_counts_each_interrupted_attempt_once(tmp_path: Path) -> None:
+    # Life 1 is interrupted mid-attempt; life 2 retries it (counted) and defers it, then
+    # stops; life 3 finds the old marker again, but older than the deferral: not counted.
+    one = World(tmp_path)
+    queue_id = one.put(1, (A,))
+    one.spool.open_attempt_log()
+    one.spool.mark_attempt(queue_id, 1.0)
+    one.spool.close_attempt_log()
+
+    two = World(tmp_path, FakeProvider("p1", answer_all(Kind.TEMPORARY)))
+    two.clock.advance(5)
+    two.start()
+    assert two.metric("mailrelay_possible_duplicates_total") == 1
+    result_of(two.stop())
+
+    provider = FakeProvider("p1")
+    three = World(tmp_path, provider)
+    three.clock.advance(10_000)
+    three.start()
+    assert [m.recipients for m in provider.delivered] == [(A,)]
+    assert three.metric("mailrelay_possible_duplicates_total") == 0
+    assert three.queued() == []
 
 
 def test_deferred_message_stays_deferred_across_a_restart_until_it_is_due(

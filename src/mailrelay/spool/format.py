@@ -13,6 +13,12 @@ A journal file (``<id>.journal`` beside the message) is the same magic line with
 then R records, one per recipient outcome, appended and fsynced before the outcome is acted on.
 A torn last record (a crash mid-append) is ignored: it was never made durable, so nothing
 acted on it.
+
+The attempt log (``<spool>/attempts``, shared by every message) is a magic line with
+"ATTEMPTS" and then S records, one per delivery attempt started (the marker time, a
+big-endian double, then the queue ID in ASCII), and D records, one per attempt that ended
+normally (the queue ID). It is appended without fsync; a torn tail is ignored (the valid prefix
+is kept). An S record with no D record after it is an attempt that was interrupted.
 """
 
 from __future__ import annotations
@@ -29,14 +35,18 @@ import attrs
 
 MESSAGE_MAGIC = b"MAILRELAY-SPOOL 1\n"
 JOURNAL_MAGIC = b"MAILRELAY-JOURNAL 1\n"
+ATTEMPTS_MAGIC = b"MAILRELAY-ATTEMPTS 1\n"
 
 TAG_ENVELOPE = b"E"
 TAG_BODY = b"B"
 TAG_END = b"Z"
 TAG_OUTCOME = b"R"
+TAG_ATTEMPT = b"S"
+TAG_ATTEMPT_DONE = b"D"
 
 _HEADER = struct.Struct(">cI")
 _CRC = struct.Struct(">I")
+_MARKER_TIME = struct.Struct(">d")
 MAX_RECORD = 64 * 1024 * 1024
 
 
@@ -50,10 +60,6 @@ class Status(Enum):
     DELIVERED = "delivered"
     DEFERRED = "deferred"  # a temporary failure; retried later
     FAILED = "failed"  # a permanent failure; not retried unless an operator requeues it
-    # An attempt started for this recipient. Written without fsync, before the upstream is
-    # contacted: found last after a restart, it means the process died mid-attempt, so the
-    # recipient may have been delivered already (a possible duplicate, counted).
-    SENDING = "sending"
     # An operator requeued a dead letter: the recipient is pending again, with a fresh
     # attempt count and lifetime from this record's time.
     REQUEUED = "requeued"
@@ -235,7 +241,11 @@ def read_journal(data: bytes) -> JournalRead:
         for tag, payload, record_end in iter_records(data, JOURNAL_MAGIC):
             if tag != TAG_OUTCOME:
                 raise CorruptSpoolFile(f"unexpected journal record {tag!r}")
-            outcomes.append(Outcome.from_json(payload))
+            try:
+                outcomes.append(Outcome.from_json(payload))
+            except CorruptSpoolFile:
+                if not _is_legacy_marker(payload):
+                    raise
             end = record_end
     except CorruptSpoolFile as e:
         # A torn tail is the end of the file: no whole record can follow it. A flipped bit
@@ -243,6 +253,16 @@ def read_journal(data: bytes) -> JournalRead:
         torn = "truncated" in str(e) and not _whole_record_after(data, end)
         return JournalRead(outcomes, end, damaged=not torn)
     return JournalRead(outcomes, end, False)
+
+
+def _is_legacy_marker(payload: bytes) -> bool:
+    """A "sending" record, written before each attempt by earlier versions (the attempt log
+    replaced them): skipped, so an upgraded spool's journals are read whole."""
+    try:
+        raw = json.loads(payload)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(raw, dict) and raw.get("status") == "sending"
 
 
 def _whole_record_after(data: bytes, start: int) -> bool:
@@ -269,3 +289,36 @@ def decode_journal(data: bytes) -> list[Outcome]:
 def journal_end(data: bytes) -> int:
     """Where the next record belongs: anything after the last valid record is cut off."""
     return read_journal(data).end
+
+
+def attempt_record(queue_id: str, when: float) -> bytes:
+    """One attempt-log record: an attempt for ``queue_id`` started at ``when``."""
+    return record(TAG_ATTEMPT, _MARKER_TIME.pack(when) + queue_id.encode("ascii"))
+
+
+def attempt_done_record(queue_id: str) -> bytes:
+    """One attempt-log record: the attempt for ``queue_id`` ended, its outcomes recorded."""
+    return record(TAG_ATTEMPT_DONE, queue_id.encode("ascii"))
+
+
+def read_attempt_log(data: bytes) -> dict[str, float]:
+    """The attempts that never ended: queue ID -> the time its last one started. From the
+    valid prefix of an attempt log: a torn tail (a crash mid-write), or any other damage,
+    ends the log where it starts."""
+    markers: dict[str, float] = {}
+    if not data.startswith(ATTEMPTS_MAGIC):
+        return markers  # empty, torn in the magic, or not an attempt log
+    try:
+        for tag, payload, _end in iter_records(data, ATTEMPTS_MAGIC):
+            if tag == TAG_ATTEMPT_DONE:
+                markers.pop(payload.decode("ascii"), None)
+                continue
+            if tag != TAG_ATTEMPT or len(payload) <= _MARKER_TIME.size:
+                break
+            (when,) = _MARKER_TIME.unpack_from(payload)
+            if not math.isfinite(when):
+                break
+            markers[payload[_MARKER_TIME.size :].decode("ascii")] = when
+    except (CorruptSpoolFile, UnicodeDecodeError):
+        pass
+    return markers

@@ -1,10 +1,11 @@
 """The file-system calls the spool makes, behind one small object a test can replace.
 
-``Spool`` (and its ``MessageWriter``) make every file-system call for messages and journals
-through a ``FileSystem``: one method per call, with the same arguments and semantics as the
-``os`` / ``pathlib`` call it stands for. The default, ``REAL_FS``, is exactly those calls (no
-extra work, no caching), so behaviour and speed are those of plain ``os``. A test substitutes
-a subclass, e.g. one that models what survives a power cut (tests/support/powerloss.py).
+``Spool`` (and its ``MessageWriter``) make every file-system call for messages, journals and
+the attempt log through a ``FileSystem``: one method per call, with the same arguments and
+semantics as the ``os`` / ``pathlib`` call it stands for. The default, ``REAL_FS``, is
+exactly those calls (no extra work, no caching), so behaviour and speed are those of plain
+``os``. A test substitutes a subclass, e.g. one that models what survives a power cut
+(tests/support/powerloss.py).
 
 Each method looks up the ``os`` function when it is called, so a test that monkeypatches
 ``os.fsync`` or ``os.rename`` still reaches the spool's calls.
@@ -64,11 +65,12 @@ class FileSystem:
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
 
-    # -- journals, by descriptor ------------------------------------------------------------
+    # -- journals and the attempt log, by descriptor -----------------------------------------
 
     def open_append(self, path: Path) -> int:
-        """Open for reading and appending, creating the file (mode 0600) if missing."""
-        return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        """Open for reading and appending, creating the file (mode 0600) if missing. Not
+        inherited by a child process (the attempt log's descriptor stays open for long)."""
+        return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def size(self, fd: int) -> int:
         return os.fstat(fd).st_size

@@ -10,6 +10,9 @@ Layout under the spool path::
     corrupt/   files that failed their checksum, kept for a person to look at
     maildrop/  messages from the sendmail command (mode 1733: any local user may drop one);
                the daemon checks and adopts them into queue/
+    attempts   the attempt log: a record (queue ID, time) appended before each delivery
+               attempt and one (queue ID) after it, so the next start knows which attempts
+               a crash interrupted
     lock       held (flock) by the daemon, or by a queue command working on a stopped daemon's
                spool, so the two never act on the same files at once
     control.sock  the daemon's control channel (mode 0600), see mailrelay.control
@@ -18,9 +21,19 @@ Durability contract: ``MessageWriter.commit`` writes the tmp file, fsyncs it, re
 ``queue/`` and fsyncs the directory; only when that Deferred fires may the server say 250.
 If any step fails the copy is removed and never delivered (no fsync retry: "fsyncgate").
 
-Every file-system call for messages and journals goes through ``Spool.fs`` (``FileSystem`` in
-mailrelay.spool.fs: plain ``os`` calls by default), so a test can model a power cut; the lock
-does not.
+The attempt log is the one file written from the reactor thread: ``mark_attempt`` (and
+``mark_attempt_done``) is a single ``write()`` of one framed record to a descriptor opened at
+queue start (O_APPEND; no fsync, no directory change, no thread hop), so it costs about as
+little as a log line. A process crash keeps what was written (the kernel has it); a power cut
+may lose any of it, and then the next start under-counts possible duplicates (it never loses
+or re-sends anything because of it: the journals and the messages' files are the durable
+record). At start the log is read into the attempts that never ended, cut down to the messages
+still in queue/ or hold/, and rewritten (temporary name, rename); when it passes
+``ATTEMPT_LOG_LIMIT`` it is rewritten with only the markers the queue still needs.
+
+Every file-system call for messages, journals and the attempt log goes through ``Spool.fs``
+(``FileSystem`` in mailrelay.spool.fs: plain ``os`` calls by default), so a test can model a
+power cut; the lock does not.
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ from twisted.python.failure import Failure
 
 from mailrelay.blocking import BlockingRunner
 from mailrelay.spool.format import (
+    ATTEMPTS_MAGIC,
     JOURNAL_MAGIC,
     MESSAGE_MAGIC,
     TAG_BODY,
@@ -50,10 +64,12 @@ from mailrelay.spool.format import (
     CorruptSpoolFile,
     Envelope,
     Outcome,
-    Status,
     StoredMessage,
+    attempt_done_record,
+    attempt_record,
     decode_message,
     end_record,
+    read_attempt_log,
     read_journal,
     record,
 )
@@ -72,6 +88,11 @@ JOURNAL_SUFFIX = ".journal"
 # Areas a message can be in, by name (queue commands name them too).
 QUEUE, HOLD, FAILED, CORRUPT, MAILDROP = "queue", "hold", "failed", "corrupt", "maildrop"
 MESSAGE_AREAS = (QUEUE, HOLD, FAILED, CORRUPT)
+# The attempt log, in the spool root beside the areas (see the module docstring).
+ATTEMPTS = "attempts"
+# Past this size the attempt log is rewritten with only the markers still needed: a record is
+# ~40 bytes, so that is once every ~25 000 attempts.
+ATTEMPT_LOG_LIMIT = 1024 * 1024
 
 
 class SpoolWriteError(Exception):
@@ -151,6 +172,10 @@ class Spool:
         self.corrupt = root / CORRUPT
         self.maildrop = root / MAILDROP
         self.control_socket = root / "control.sock"
+        self.attempts = root / ATTEMPTS
+        self.attempt_log_limit = ATTEMPT_LOG_LIMIT
+        self._attempt_fd: int | None = None
+        self._attempt_log_size = 0
         self._runner = runner
         self._now = now
 
@@ -271,14 +296,13 @@ class Spool:
     # -- journal ----------------------------------------------------------------------------------
 
     def append_journal(
-        self, queue_id: str, outcomes: Sequence[Outcome], durable: bool = True, area: str = QUEUE
+        self, queue_id: str, outcomes: Sequence[Outcome], area: str = QUEUE
     ) -> defer.Deferred[None]:
-        """Append records; ``durable=False`` skips the fsyncs (a marker a process crash keeps,
-        that power loss may lose): only for "sending" markers."""
-        return self._runner.run(self.append_journal_now, queue_id, outcomes, durable, area)
+        """Append records, fsynced (and the journal's name, when the append creates it)."""
+        return self._runner.run(self.append_journal_now, queue_id, outcomes, area)
 
     def append_journal_now(
-        self, queue_id: str, outcomes: Sequence[Outcome], durable: bool = True, area: str = QUEUE
+        self, queue_id: str, outcomes: Sequence[Outcome], area: str = QUEUE
     ) -> None:
         payload = b"".join(record(TAG_OUTCOME, o.to_json()) for o in outcomes)
         directory = self.area(area)
@@ -296,19 +320,96 @@ class Spool:
             if size == 0:
                 payload = JOURNAL_MAGIC + payload
             # The file's name is durable once its directory was fsynced after the first
-            # durable append. Before that the file may have been created by a "sending"
-            # marker (no fsync of the file nor of its directory; by this process or one that
-            # died): a power cut would lose the journal with every outcome fsynced into it.
-            name_durable = existing is not None and any(
-                o.status is not Status.SENDING for o in existing.outcomes
-            )
+            # append. A file without a whole record was created by an append that a crash
+            # cut short (or, in an older spool, by a "sending" marker): its name may not be.
+            name_durable = existing is not None and bool(existing.outcomes)
             fs.write(fd, payload)
-            if durable:
-                fs.fsync(fd)
+            fs.fsync(fd)
         finally:
             fs.close(fd)
-        if durable and not name_durable:
+        if not name_durable:
             fs.fsync_directory(directory)
+
+    # -- the attempt log ---------------------------------------------------------------------------
+
+    def open_attempt_log(self) -> dict[str, float]:
+        """At queue start, in the I/O thread (blocking): the attempts the last life left
+        unended, as queue ID -> marker time, for the messages still in queue/ or hold/ (a held
+        message may have been interrupted too); they are written to a fresh log, which stays
+        open for ``mark_attempt``. Lock holder only."""
+        try:
+            markers = read_attempt_log(self.fs.read_bytes(self.attempts))
+        except FileNotFoundError:
+            markers = {}
+        kept = {
+            queue_id: when
+            for queue_id, when in markers.items()
+            if is_queue_id(queue_id)
+            and (self.fs.exists(self.queue / queue_id) or self.fs.exists(self.hold / queue_id))
+        }
+        self.close_attempt_log()
+        self._attempt_fd, self._attempt_log_size = self._fresh_attempt_log(kept)
+        return kept
+
+    def _fresh_attempt_log(self, markers: dict[str, float]) -> tuple[int, int]:
+        """A new log holding ``markers``, renamed over the old one; its descriptor (open for
+        appending) and size. No fsync: see the module docstring."""
+        fs = self.fs
+        temp = self.root / f".{ATTEMPTS}.new"
+        fs.unlink(temp, missing_ok=True)  # left by a crash in an earlier try
+        fd = fs.open_append(temp)
+        try:
+            data = ATTEMPTS_MAGIC + b"".join(attempt_record(q, t) for q, t in markers.items())
+            self._write_all(fd, data, 0)
+            fs.rename(temp, self.attempts)
+        except BaseException:
+            fs.close(fd)
+            with contextlib.suppress(OSError):
+                fs.unlink(temp, missing_ok=True)
+            raise
+        return fd, len(data)
+
+    def _write_all(self, fd: int, data: bytes, size: int) -> None:
+        """One write() of ``data`` at the end of a log of ``size`` bytes; a short write (a
+        full disk) is cut off again, so no torn record sits before the next one."""
+        written = self.fs.write(fd, data)
+        if written != len(data):
+            self.fs.truncate(fd, size)
+            raise OSError(errno.ENOSPC, "short write to the attempt log")
+
+    def mark_attempt(self, queue_id: str, when: float) -> None:
+        """An attempt for ``queue_id`` starts at ``when``: one record appended with one
+        write() (in the reactor thread; no fsync). Raises OSError if it cannot be written."""
+        self._append_attempt_record(attempt_record(queue_id, when))
+
+    def mark_attempt_done(self, queue_id: str) -> None:
+        """The attempt for ``queue_id`` ended with its outcomes recorded: one write(), as
+        ``mark_attempt``; its marker no longer counts."""
+        self._append_attempt_record(attempt_done_record(queue_id))
+
+    def _append_attempt_record(self, data: bytes) -> None:
+        if self._attempt_fd is None:
+            raise RuntimeError("the attempt log is not open (open_attempt_log)")
+        self._write_all(self._attempt_fd, data, self._attempt_log_size)
+        self._attempt_log_size += len(data)
+
+    def attempt_log_full(self) -> bool:
+        return self._attempt_log_size > self.attempt_log_limit
+
+    def rotate_attempt_log(self, markers: dict[str, float]) -> None:
+        """Replace the log by a fresh one holding only ``markers`` (the attempts running now,
+        and the interrupted ones not yet acted on). Synchronous: rare, and small. If the
+        fresh log cannot be written, the old one stays in use (and the error is raised)."""
+        old = self._attempt_fd
+        self._attempt_fd, self._attempt_log_size = self._fresh_attempt_log(markers)
+        if old is not None:
+            self.fs.close(old)
+
+    def close_attempt_log(self) -> None:
+        if self._attempt_fd is not None:
+            fd, self._attempt_fd = self._attempt_fd, None
+            with contextlib.suppress(OSError):
+                self.fs.close(fd)
 
     # -- scheduling -------------------------------------------------------------------------------
 
