@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -101,12 +103,24 @@ class RelayProcess:
                 raise AssertionError(
                     f"relay exited with {self._proc.returncode}:\n{self.log_tail()}"
                 )
-            return port_accepts("127.0.0.1", self.smtp_port) and port_accepts(
-                "127.0.0.1", self.http_port
-            )
+            # The ports accept connections as soon as they are bound, before the reactor
+            # runs (and before twistd installs its SIGTERM handler): only an HTTP answer shows
+            # the relay is really up, so a stop() right after start() is a clean shutdown.
+            return port_accepts("127.0.0.1", self.smtp_port) and self._health_answers()
 
         wait_until(up, timeout, what=f"relay listening on {self.smtp_port}")
         return self
+
+    def _health_answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.http_port}/health", timeout=2
+            ) as response:
+                return bool(response.status)
+        except urllib.error.HTTPError:
+            return True  # an answer (a 503 while degraded, say): the reactor runs
+        except (OSError, ValueError):
+            return False
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as in a crash."""
