@@ -161,6 +161,7 @@ class DeliveryQueue:
         self._markers: dict[str, float] = {}
         self._timer: IDelayedCall | None = None
         self._running = False
+        self._sending = False  # attempts may start (the attempt log is open)
         self.indexed: defer.Deferred[int] = defer.Deferred()
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -174,6 +175,10 @@ class DeliveryQueue:
         if orphans:
             self.log.info("reconciled {count} journal(s) left by a crash", count=orphans)
         self._interrupted = await self._spool.run(self._spool.open_attempt_log)
+        # Mail accepted while the spool was being prepared waited in the ready FIFO: no
+        # attempt may start before the attempt log is open to record it.
+        self._sending = True
+        self._pump()
         if self._interrupted:
             self.log.info(
                 "{count} message(s) had an attempt interrupted when the relay last stopped;"
@@ -257,7 +262,12 @@ class DeliveryQueue:
     # -- scheduling -------------------------------------------------------------------------------
 
     def _pump(self) -> None:
-        while self._running and self._ready and len(self._active) < self._max_in_flight:
+        while (
+            self._running
+            and self._sending
+            and self._ready
+            and len(self._active) < self._max_in_flight
+        ):
             queue_id = self._ready.popleft()
             if queue_id not in self._queued or queue_id in self._active or queue_id in self._due:
                 continue  # a stale entry

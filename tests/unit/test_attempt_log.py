@@ -289,3 +289,28 @@ def test_an_attempt_that_failed_unexpectedly_is_counted_at_its_retry(
     # Nothing was recorded for A nor B: both may have been delivered twice.
     assert w.metric("mailrelay_possible_duplicates_total") == 2
     assert read_attempt_log(w.spool.attempts.read_bytes()) == {}
+
+
+def test_mail_accepted_before_the_attempt_log_opens_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found with 100 000 queued messages: the start-up scan takes a while, the listeners
+    already accept, and attempts that started before the log was open all failed (and waited
+    for the retry delay)."""
+    w = World(tmp_path)
+    real_run = w.spool.run
+    opening: defer.Deferred[None] = defer.Deferred()
+
+    def run(f, *args):  # type: ignore[no-untyped-def]
+        if f == w.spool.open_attempt_log:
+            return opening.addCallback(lambda _: real_run(f, *args))
+        return real_run(f, *args)
+
+    monkeypatch.setattr(w.spool, "run", run)
+    starting = defer.Deferred.fromCoroutine(w.queue.start())
+    queue_id = w.add(1)  # accepted now, while start() waits for the log
+    assert w.providers[0].delivered == []
+    opening.callback(None)
+    result_of(starting)
+    assert [m.queue_id for m in w.providers[0].delivered] == [queue_id]
+    assert w.queued() == []
