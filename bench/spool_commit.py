@@ -22,14 +22,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-
-def fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from mailrelay.spool.fs import fsync_directory  # the spool's own
 
 
 class SharedDirectorySync:
@@ -55,7 +50,7 @@ class SharedDirectorySync:
                     break
                 self._cond.wait()
         try:
-            fsync_directory(self._path)
+            fsync_directory(Path(self._path))
         finally:
             with self._cond:
                 self._running = False
@@ -69,7 +64,7 @@ def commit_rate(base: str, commits: int, threads: int, shared: bool) -> float:
     os.mkdir(tmp)
     os.mkdir(queue)
     sync: Callable[[], None] = (
-        SharedDirectorySync(queue).sync if shared else lambda: fsync_directory(queue)
+        SharedDirectorySync(queue).sync if shared else lambda: fsync_directory(Path(queue))
     )
     data = b"x" * 4096
 

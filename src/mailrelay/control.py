@@ -67,8 +67,7 @@ class OfflineCommands:
         return self._admin.retry(queue_id) + " (delivered when the daemon runs)"
 
     async def retry_failed(self) -> list[str]:
-        requeued, _set_aside = self._admin.requeue_failed()
-        return requeued
+        return self._admin.requeue_failed().requeued
 
     async def flush(self) -> list[str]:
         return self._admin.flush()

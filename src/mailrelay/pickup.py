@@ -16,7 +16,6 @@ is indexed (so a crash-window leftover is recognised while its queue copy is sti
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import time
@@ -32,6 +31,7 @@ from twisted.python.failure import Failure
 from mailrelay.config import SMTPConfig
 from mailrelay.metrics import Metrics
 from mailrelay.spool.format import CorruptSpoolFile, Envelope, decode_message, encode_message
+from mailrelay.spool.fs import NotRegularFile, open_regular_file
 from mailrelay.spool.maildrop import MaildropError, validate
 from mailrelay.spool.store import Spool, SpoolWriteError, fsync_directory, is_queue_id
 
@@ -52,11 +52,6 @@ class Adopted:
 class Refused:
     name: str
     reason: str
-
-
-class NotRegularFile(Exception):
-    """A FIFO, directory, symlink...: removed, never kept in corrupt/ (where the queue
-    commands read every file)."""
 
 
 @attrs.frozen
@@ -229,6 +224,7 @@ class MaildropPickup:
             self._quarantine(source, name)
             return Refused(name, str(e))
         except NotRegularFile as e:
+            # Removed, never kept in corrupt/ (where the queue commands read every file).
             try:
                 source.unlink()
             except IsADirectoryError:
@@ -247,18 +243,9 @@ class MaildropPickup:
         return Adopted(envelope, len(stored.body))
 
     def _read_untrusted(self, path: Path) -> tuple[bytes, int]:
-        """The file's bytes and owner, checked on the open file itself: a user cannot swap in
-        a symlink after the check (O_NOFOLLOW), and a FIFO cannot block us (O_NONBLOCK)."""
+        """The file's bytes and owner (see open_regular_file for what is refused)."""
+        fd, st = open_regular_file(path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise NotRegularFile("not a regular file (a symbolic link)") from None
-            raise
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise NotRegularFile("not a regular file")
             if st.st_size > self._limits.max_message_size + _FRAMING_ALLOWANCE:
                 raise MaildropError("larger than smtp.max_message_size")
             with os.fdopen(os.dup(fd), "rb") as f:

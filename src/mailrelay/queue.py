@@ -670,15 +670,22 @@ class DeliveryQueue:
 
     async def retry_failed(self) -> list[str]:
         async def step() -> list[str]:
-            requeued, set_aside = await self._spool.run(self._admin.requeue_failed)
+            report = await self._spool.run(self._admin.requeue_failed)
+            requeued = report.requeued
             for queue_id in requeued:
                 self._make_ready(queue_id)
-            for queue_id, reason in set_aside:
-                # One damaged dead letter must not stop the others.
-                if reason.startswith("corrupt"):
-                    self._metrics.corrupt_files.inc()
+            for queue_id, reason in report.corrupt:
+                self._metrics.corrupt_files.inc()
                 self.log.error(
-                    "{queue_id} dead letter set aside: {reason}", queue_id=queue_id, reason=reason
+                    "{queue_id} dead letter is corrupt, moved to corrupt/: {reason}",
+                    queue_id=queue_id,
+                    reason=reason,
+                )
+            for queue_id, reason in report.left:
+                self.log.error(
+                    "{queue_id} dead letter left in failed/: {reason}",
+                    queue_id=queue_id,
+                    reason=reason,
                 )
             if requeued:
                 self.log.info(

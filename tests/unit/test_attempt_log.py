@@ -26,13 +26,18 @@ from tests.support.powerloss import PowerLossFS
 from tests.unit.fakes import (
     FakeProvider,
     answer_all,
-    answer_by_recipient,
     envelope,
     make_spool,
     result_of,
     store,
 )
-from tests.unit.test_queue import POLICY, A, B, World, qid
+from tests.unit.test_queue import (
+    POLICY,
+    A,
+    World,
+    add_with_first_journal_write_failing,
+    qid,
+)
 
 
 @pytest.fixture
@@ -268,18 +273,7 @@ def test_an_attempt_that_failed_unexpectedly_is_counted_at_its_retry(
 ) -> None:
     w = World(tmp_path)
     w.start()
-    real_append = w.spool.append_journal
-    calls: list[str] = []
-
-    def failing_append(queue_id: str, outcomes: list[Outcome]) -> defer.Deferred[None]:
-        calls.append(queue_id)
-        if len(calls) == 1:
-            return defer.fail(OSError(5, "Input/output error"))
-        return real_append(queue_id, outcomes)
-
-    monkeypatch.setattr(w.spool, "append_journal", failing_append)
-    w.providers[0].answer = answer_by_recipient({A: Kind.DELIVERED, B: Kind.TEMPORARY})
-    queue_id = w.add(1, (A, B))  # A delivered, B deferred: that journal write fails
+    queue_id = add_with_first_journal_write_failing(w, monkeypatch)
     # The attempt never ended: its marker stays (a restart would count it too).
     assert read_attempt_log(w.spool.attempts.read_bytes()) == {queue_id: 0.0}
     assert w.metric("mailrelay_possible_duplicates_total") == 0

@@ -464,13 +464,11 @@ def test_router_failure_keeps_the_message_and_retries_it_later(
     assert len(provider.delivered) == 2
 
 
-def test_journal_write_failure_keeps_the_message_for_a_later_attempt(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    w = World(tmp_path)
-    w.start()
+def add_with_first_journal_write_failing(w: World, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Add a message whose A is delivered and B deferred, and whose journalling of that
+    fails with EIO (later journal writes succeed). Returns its queue ID."""
     real_append = w.spool.append_journal
-    calls = []
+    calls: list[str] = []
 
     def failing_append(queue_id: str, outcomes: list[Outcome]) -> defer.Deferred[None]:
         calls.append(queue_id)
@@ -479,9 +477,17 @@ def test_journal_write_failure_keeps_the_message_for_a_later_attempt(
         return real_append(queue_id, outcomes)
 
     monkeypatch.setattr(w.spool, "append_journal", failing_append)
-    # A partial outcome (B deferred) must be journalled; that write fails.
     w.providers[0].answer = answer_by_recipient({A: Kind.DELIVERED, B: Kind.TEMPORARY})
-    queue_id = w.add(1, (A, B))
+    return w.add(1, (A, B))
+
+
+def test_journal_write_failure_keeps_the_message_for_a_later_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = World(tmp_path)
+    w.start()
+    # A partial outcome (B deferred) must be journalled; that write fails.
+    queue_id = add_with_first_journal_write_failing(w, monkeypatch)
     assert w.queued() == [queue_id]
     w.providers[0].answer = answer_all(Kind.DELIVERED)
     w.clock.advance(POLICY.initial)

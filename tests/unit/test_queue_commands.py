@@ -141,14 +141,18 @@ def test_release_puts_a_held_message_back_and_attempts_it_at_once(tmp_path: Path
     assert w.queue.depth() == zero_depth()
 
 
-def test_hold_of_a_message_waiting_for_a_free_slot_keeps_it_from_being_attempted(
-    tmp_path: Path,
-) -> None:
+def one_running_one_waiting(tmp_path: Path) -> tuple[World, FakeProvider, str, str]:
+    """One slot: message 1's attempt runs (the provider holds it), message 2 waits."""
     provider = FakeProvider("p1", hold=True)
     w = World(tmp_path, provider, max_in_flight=1)
     w.start()
-    first = w.add(1)
-    waiting = w.add(2)
+    return w, provider, w.add(1), w.add(2)
+
+
+def test_hold_of_a_message_waiting_for_a_free_slot_keeps_it_from_being_attempted(
+    tmp_path: Path,
+) -> None:
+    w, provider, first, waiting = one_running_one_waiting(tmp_path)
     assert w.queue.depth() == {"ready": 1, "deferred": 0, "active": 1, "held": 0}
 
     assert done(w.queue.hold(waiting)) == "held"
@@ -162,11 +166,7 @@ def test_hold_of_a_message_waiting_for_a_free_slot_keeps_it_from_being_attempted
 def test_message_held_and_released_while_waiting_for_a_slot_is_attempted_once(
     tmp_path: Path,
 ) -> None:
-    provider = FakeProvider("p1", hold=True)
-    w = World(tmp_path, provider, max_in_flight=1)
-    w.start()
-    first = w.add(1)
-    waiting = w.add(2)
+    w, provider, first, waiting = one_running_one_waiting(tmp_path)
     done(w.queue.hold(waiting))
     done(w.queue.release(waiting))
     provider.release()  # first done: the slot goes to the released message
@@ -567,11 +567,7 @@ def test_delete_removes_a_deferred_message_from_disk_and_from_the_index(tmp_path
 
 
 def test_delete_removes_a_message_waiting_for_a_slot(tmp_path: Path) -> None:
-    provider = FakeProvider("p1", hold=True)
-    w = World(tmp_path, provider, max_in_flight=1)
-    w.start()
-    first = w.add(1)
-    waiting = w.add(2)
+    w, provider, first, waiting = one_running_one_waiting(tmp_path)
     assert done(w.queue.delete(waiting)) == "deleted"
     assert w.queue.depth() == {"ready": 0, "deferred": 0, "active": 1, "held": 0}
     provider.release()

@@ -7,10 +7,9 @@ of code serves both, so ``mailrelay queue hold`` means the same thing either way
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -23,6 +22,7 @@ from mailrelay.spool.format import (
     decode_envelope,
     last_outcomes,
 )
+from mailrelay.spool.fs import NotRegularFile, open_regular_file
 from mailrelay.spool.store import (
     CORRUPT,
     FAILED,
@@ -69,6 +69,13 @@ class QueueEntry:
         return attrs.asdict(self)
 
 
+@attrs.define
+class RequeueReport:
+    requeued: list[str] = attrs.Factory(list)
+    corrupt: list[tuple[str, str]] = attrs.Factory(list)  # (ID, why): moved to corrupt/
+    left: list[tuple[str, str]] = attrs.Factory(list)  # (ID, why): left in failed/
+
+
 def _state_in_queue(mtime: float, now: float) -> str:
     return DEFERRED if mtime > now else READY
 
@@ -91,18 +98,12 @@ class SpoolAdmin:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def _read_envelope(self, path: os.PathLike[str]) -> Envelope:
-        # O_NOFOLLOW|O_NONBLOCK and a regular-file check on the open file: whatever sits in an
-        # area (corrupt/ keeps files others wrote) can neither redirect nor block the read.
+    def _read_envelope(self, path: Path) -> Envelope:
+        # corrupt/ keeps files others wrote: they can neither redirect nor block the read.
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise CorruptSpoolFile("a symbolic link, not a spool file") from None
-            raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise CorruptSpoolFile("not a regular file")
+            fd, _ = open_regular_file(path)
+        except NotRegularFile as e:
+            raise CorruptSpoolFile(str(e)) from None
         with os.fdopen(fd, "rb") as f:
             head = f.read(_ENVELOPE_PEEK)
             try:
@@ -239,24 +240,22 @@ class SpoolAdmin:
         self._spool.move_now(queue_id, FAILED, QUEUE)
         self._spool.set_next_attempt_now(queue_id, now)
 
-    def requeue_failed(self) -> tuple[list[str], list[tuple[str, str]]]:
-        """Requeue every dead letter; one whose file is damaged goes to corrupt/ instead of
-        stopping the rest. Returns (requeued IDs, [(ID, why) set aside])."""
-        requeued: list[str] = []
-        set_aside: list[tuple[str, str]] = []
+    def requeue_failed(self) -> RequeueReport:
+        """Requeue every dead letter; one that cannot be (damaged: moved to corrupt/; gone or
+        unmovable: left) never stops the rest."""
+        report = RequeueReport()
         for queue_id in self._spool.ids(FAILED):
             try:
                 self.requeue(queue_id)
             except CorruptSpoolFile as e:
                 self._spool.move_now(queue_id, FAILED, CORRUPT)
-                set_aside.append((queue_id, f"corrupt, moved to corrupt/: {e}"))
+                report.corrupt.append((queue_id, str(e)))
                 continue
             except (QueueCommandError, OSError) as e:
-                # Gone meanwhile, or a file we cannot move: the others still go.
-                set_aside.append((queue_id, f"left in failed/: {e}"))
+                report.left.append((queue_id, str(e)))
                 continue
-            requeued.append(queue_id)
-        return requeued, set_aside
+            report.requeued.append(queue_id)
+        return report
 
     def delete(self, queue_id: str) -> str:
         area = self.find(queue_id)

@@ -18,7 +18,9 @@ The others only read.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -130,3 +132,27 @@ class FileSystem:
 
 
 REAL_FS = FileSystem()
+
+
+class NotRegularFile(Exception):
+    """A FIFO, a directory, a symbolic link...: not a file we read."""
+
+
+def open_regular_file(path: Path) -> tuple[int, os.stat_result]:
+    """Open for reading a file another user may have put there: a descriptor and its stat.
+
+    Checked on the open file itself: a symbolic link is refused (O_NOFOLLOW, so one swapped in
+    after a check cannot redirect us), a FIFO cannot block the open (O_NONBLOCK), and anything
+    but a regular file raises NotRegularFile (the descriptor is closed then).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotRegularFile("not a regular file (a symbolic link)") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotRegularFile("not a regular file")
+    return fd, st
