@@ -91,6 +91,35 @@ class ProviderConfig:
     command_timeout: float = 300.0
     data_timeout: float = 180.0
     final_timeout: float = 600.0
+    # Reuse: a NOOP every ``keepalive`` seconds while idle (0: none) finds dead connections
+    # before a message does; QUIT after ``idle_timeout`` idle or ``max_connection_age`` in all.
+    keepalive: float = 30.0
+    max_connection_age: float = 600.0
+    # TLS: the name verified in the certificate and sent as SNI (default: host); a client
+    # certificate (PEM; the key may be in the same file); ``insecure`` allows tls = "none" to
+    # a host that is not loopback (never AUTH in clear).
+    tls_name: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    insecure: bool = False
+    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5")
+    # Failover policy for the provider's own answers (design.md, errors by class): a 4xx to
+    # MAIL/RCPT/DATA goes to the next provider ("next") or stays here for a later retry
+    # ("defer"); a 5xx to a recipient is final ("fail") or tried at the next provider ("next").
+    on_temporary: Literal["next", "defer"] = "next"
+    on_permanent: Literal["fail", "next"] = "fail"
+    # Shaping: recipients per transaction (0: all), seconds between a message's batches,
+    # transactions and recipients per second (0: unlimited), transactions per UTC day (0: none).
+    batch_size: int = 20
+    batch_delay: float = 1.0
+    rate: float = 0.0
+    recipient_rate: float = 0.0
+    daily_quota: int = 0
+    # Circuit breaker: open after this many failures in a row, for breaker_cooldown seconds,
+    # doubling on each failed probe up to breaker_max_cooldown.
+    breaker_threshold: int = 3
+    breaker_cooldown: float = 30.0
+    breaker_max_cooldown: float = 600.0
     # maildir
     path: str = "Maildir"
 
@@ -106,6 +135,18 @@ class ProviderConfig:
 @attrs.frozen
 class RoutingConfig:
     default: tuple[str, ...] = ("local",)
+    # Sender domain (lower case, exact match) -> its own chain; other senders use default.
+    sender_domains: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+
+    def chain_for(self, sender: str) -> tuple[str, ...]:
+        domain = sender.rpartition("@")[2].lower() if "@" in sender else ""
+        return self.sender_domains.get(domain, self.default)
+
+    def chains(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Every chain with the key it was configured under, for checks."""
+        return [("default", self.default)] + [
+            (f"sender_domains.{d}", c) for d, c in self.sender_domains.items()
+        ]
 
 
 DEFAULT_PROVIDERS = (ProviderConfig(name="local", kind="maildir", path="Maildir"),)
@@ -178,9 +219,10 @@ def parse(data: Mapping[str, Any], source: str | None = "<string>") -> Config:
         routing = RoutingConfig(default=tuple(names))
     else:
         routing = RoutingConfig()
-    for i, name in enumerate(routing.default):
-        if name not in names:
-            raise ConfigError(f"routing.default[{i}]: no provider named {name!r}")
+    for key, chain in routing.chains():
+        for i, name in enumerate(chain):
+            if name not in names:
+                raise ConfigError(f"routing.{key}[{i}]: no provider named {name!r}")
 
     return Config(
         smtp=smtp,
@@ -242,15 +284,29 @@ def _parse_spool(t: Mapping[str, Any], key: str) -> SpoolConfig:
 
 
 def _parse_routing(t: Mapping[str, Any], key: str) -> RoutingConfig:
-    _no_unknown_keys(t, {"default"}, key)
+    _no_unknown_keys(t, {"default", "sender_domains"}, key)
     if "default" not in t:
         raise ConfigError(f"{key}.default: required when [routing] is present")
-    chain = t["default"]
-    if not isinstance(chain, list) or not chain or not all(isinstance(n, str) for n in chain):
-        raise ConfigError(f"{key}.default: must be a non-empty list of provider names")
-    if len(set(chain)) != len(chain):
-        raise ConfigError(f"{key}.default: names a provider twice")
-    return RoutingConfig(default=tuple(chain))
+    default = _chain(t["default"], f"{key}.default")
+    domains: dict[str, tuple[str, ...]] = {}
+    table = _table(t.get("sender_domains", {}), f"{key}.sender_domains")
+    for domain, chain in table.items():
+        where = f"{key}.sender_domains.{domain}"
+        lowered = domain.lower()
+        if not lowered or not all(c.isascii() and (c.isalnum() or c in "-.") for c in lowered):
+            raise ConfigError(f"{where}: not a valid domain name")
+        if lowered in domains:
+            raise ConfigError(f"{where}: the domain is listed twice")
+        domains[lowered] = _chain(chain, where)
+    return RoutingConfig(default=default, sender_domains=domains)
+
+
+def _chain(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(n, str) for n in value):
+        raise ConfigError(f"{key}: must be a non-empty list of provider names")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{key}: names a provider twice")
+    return tuple(value)
 
 
 def _parse_provider(t: Mapping[str, Any], key: str) -> ProviderConfig:
@@ -290,13 +346,35 @@ def _parse_provider(t: Mapping[str, Any], key: str) -> ProviderConfig:
         raise ConfigError(
             f"{key}.tls: AUTH to a non-loopback host needs tls = starttls or implicit"
         )
-    if tls == "none" and not is_loopback_host(host):
-        raise ConfigError(f"{key}.tls: 'none' is only allowed for a loopback upstream")
-    ca_file = _optional_str(t, "ca_file", key)
-    if ca_file is not None and not os.path.isfile(ca_file):
-        raise ConfigError(f"{key}.ca_file: no such file {ca_file!r}")
+    insecure = _bool(t, "insecure", key, d.insecure)
+    if tls == "none" and not is_loopback_host(host) and not insecure:
+        raise ConfigError(
+            f"{key}.tls: 'none' is only allowed for a loopback upstream (or with insecure = true)"
+        )
+    if insecure and tls != "none":
+        raise ConfigError(f"{key}.insecure: only means something with tls = 'none'")
+    ca_file = _optional_file(t, "ca_file", key)
+    client_cert = _optional_file(t, "client_cert", key)
+    client_key = _optional_file(t, "client_key", key)
+    if client_key is not None and client_cert is None:
+        raise ConfigError(f"{key}.client_key: needs client_cert")
+    if tls == "none":
+        for tls_key in ("ca_file", "client_cert", "tls_name"):
+            if tls_key in t:
+                raise ConfigError(f"{key}.{tls_key}: not used with tls = 'none'")
+    tls_name = _hostname(t, "tls_name", key, host) if "tls_name" in t else None
     if password_file is not None and not os.path.isfile(password_file):
         raise ConfigError(f"{key}.password_file: no such file {password_file!r}")
+    mechanisms = _str_list(t, "auth_mechanisms", key, d.auth_mechanisms)
+    for i, mechanism in enumerate(mechanisms):
+        if mechanism.upper() not in ("PLAIN", "LOGIN", "CRAM-MD5"):
+            raise ConfigError(
+                f"{key}.auth_mechanisms[{i}]: must be PLAIN, LOGIN or CRAM-MD5 (got {mechanism!r})"
+            )
+    breaker_cooldown = _seconds(t, "breaker_cooldown", key, d.breaker_cooldown)
+    breaker_max_cooldown = _seconds(t, "breaker_max_cooldown", key, d.breaker_max_cooldown)
+    if breaker_max_cooldown < breaker_cooldown:
+        raise ConfigError(f"{key}.breaker_max_cooldown: must not be less than breaker_cooldown")
     return ProviderConfig(
         name=name,
         kind="smtp",
@@ -318,6 +396,25 @@ def _parse_provider(t: Mapping[str, Any], key: str) -> ProviderConfig:
         command_timeout=_seconds(t, "command_timeout", key, d.command_timeout),
         data_timeout=_seconds(t, "data_timeout", key, d.data_timeout),
         final_timeout=_seconds(t, "final_timeout", key, d.final_timeout),
+        keepalive=_seconds(t, "keepalive", key, d.keepalive, zero_ok=True),
+        max_connection_age=_seconds(t, "max_connection_age", key, d.max_connection_age),
+        tls_name=tls_name,
+        client_cert=client_cert,
+        client_key=client_key,
+        insecure=insecure,
+        auth_mechanisms=tuple(m.upper() for m in mechanisms),
+        on_temporary=_choice(t, "on_temporary", key, d.on_temporary, ("next", "defer")),  # type: ignore[arg-type]
+        on_permanent=_choice(t, "on_permanent", key, d.on_permanent, ("fail", "next")),  # type: ignore[arg-type]
+        batch_size=_int(t, "batch_size", key, d.batch_size, minimum=0, maximum=1000),
+        batch_delay=_seconds(t, "batch_delay", key, d.batch_delay, zero_ok=True),
+        rate=_seconds(t, "rate", key, d.rate, zero_ok=True, what="a number per second"),
+        recipient_rate=_seconds(
+            t, "recipient_rate", key, d.recipient_rate, zero_ok=True, what="a number per second"
+        ),
+        daily_quota=_int(t, "daily_quota", key, d.daily_quota, minimum=0),
+        breaker_threshold=_int(t, "breaker_threshold", key, d.breaker_threshold, minimum=1),
+        breaker_cooldown=breaker_cooldown,
+        breaker_max_cooldown=breaker_max_cooldown,
     )
 
 
@@ -392,13 +489,45 @@ def _int(
     return value
 
 
-def _seconds(t: Mapping[str, Any], name: str, key: str, default: float) -> float:
+def _seconds(
+    t: Mapping[str, Any],
+    name: str,
+    key: str,
+    default: float,
+    zero_ok: bool = False,
+    what: str = "a number of seconds",
+) -> float:
     value = t.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{key}.{name}: must be a number of seconds")
-    if value <= 0:
+        raise ConfigError(f"{key}.{name}: must be {what}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{key}.{name}: must be a finite number")
+    if zero_ok and value < 0:
+        raise ConfigError(f"{key}.{name}: must not be negative")
+    if not zero_ok and value <= 0:
         raise ConfigError(f"{key}.{name}: must be greater than 0")
     return float(value)
+
+
+def _bool(t: Mapping[str, Any], name: str, key: str, default: bool) -> bool:
+    value = t.get(name, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}.{name}: must be true or false")
+    return value
+
+
+def _optional_file(t: Mapping[str, Any], name: str, key: str) -> str | None:
+    value = _optional_str(t, name, key)
+    if value is not None and not os.path.isfile(value):
+        raise ConfigError(f"{key}.{name}: no such file {value!r}")
+    return value
+
+
+def _str_list(t: Mapping[str, Any], name: str, key: str, default: tuple[str, ...]) -> list[str]:
+    value = t.get(name, list(default))
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}.{name}: must be a non-empty list of strings")
+    return value
 
 
 def _endpoint_list(

@@ -243,8 +243,17 @@ def answer_by_recipient(kinds: dict[str, Kind]) -> Answer:
 class FakeProvider:
     """Answers each delivery with ``answer(message)``, at once or when the test says so."""
 
-    def __init__(self, name: str, answer: Answer | None = None, hold: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        answer: Answer | None = None,
+        hold: bool = False,
+        on_temporary: str = "next",
+        on_permanent: str = "fail",
+    ) -> None:
         self.name = name
+        self.on_temporary = on_temporary
+        self.on_permanent = on_permanent
         self.answer = answer or answer_all(Kind.DELIVERED)
         self.hold = hold
         self.delivered: list[OutboundMessage] = []

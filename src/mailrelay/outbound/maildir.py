@@ -32,6 +32,9 @@ from mailrelay.outbound.results import (
 @implementer(IProvider)
 class MaildirProvider:
     log = Logger()
+    # A local write: a failure is our disk, which the next provider does not share.
+    on_temporary = "next"
+    on_permanent = "fail"
 
     def __init__(self, config: ProviderConfig, clock: IReactorTime, runner: BlockingRunner) -> None:
         self.name = config.name

@@ -68,6 +68,8 @@ class SMTPProvider:
     def __init__(self, config: ProviderConfig, reactor: Any, metrics: Metrics) -> None:
         self.name = config.name
         self.config = config
+        self.on_temporary = config.on_temporary
+        self.on_permanent = config.on_permanent
         self._reactor = reactor
         self._metrics = metrics
         self._tls_options = client_tls_options(config)

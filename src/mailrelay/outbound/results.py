@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from enum import Enum
+from typing import Literal
 
 import attrs
 from twisted.internet import defer
@@ -15,6 +17,43 @@ class Kind(Enum):
     PERMANENT = "permanent"  # 5xx: never retried
 
 
+class FailureClass(Enum):
+    """Where a recipient's attempt failed: what the router's failover policy and a provider's
+    circuit breaker act on. Decided where the failure happens, never re-guessed from text.
+
+    The session classes say the provider could not take mail at all: the recipients always
+    move on to the next provider. The transaction classes are the provider's answer to this
+    message (a 4xx or 5xx to MAIL, RCPT or DATA): the provider's ``on_temporary`` and
+    ``on_permanent`` settings decide whether they move on.
+    """
+
+    # session: the provider could not take any mail
+    CONNECT = "connect"  # refused, unreachable, connect timeout, lost before the greeting
+    GREETING = "greeting"  # 421/5xx/garbage greeting, EHLO refused
+    TLS = "tls"  # STARTTLS missing, handshake or verification failed, injection
+    AUTH = "auth"  # credentials rejected, no usable mechanism, secret unavailable
+    TIMEOUT = "timeout"  # a stage deadline passed
+    PROTOCOL = "protocol"  # a reply that makes no sense in the session's state
+    LOST = "lost"  # reset or EOF in the middle of a transaction
+    UNAVAILABLE = "unavailable"  # our own: breaker open, daily quota used, shutting down
+    # transaction: the provider answered this message
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"  # the reply to DATA or to the final dot
+
+    @property
+    def is_session(self) -> bool:
+        return self not in _TRANSACTION
+
+    @property
+    def counts_against_provider(self) -> bool:
+        """A failure the provider's circuit breaker counts (not our own refusals)."""
+        return self.is_session and self is not FailureClass.UNAVAILABLE
+
+
+_TRANSACTION = frozenset({FailureClass.MAIL, FailureClass.RCPT, FailureClass.DATA})
+
+
 def kind_of_reply(code: int) -> Kind:
     """Classify a reply code where it arrives, once (never re-guessed from text later)."""
     if 200 <= code < 300:
@@ -24,12 +63,39 @@ def kind_of_reply(code: int) -> Kind:
     return Kind.TEMPORARY
 
 
+# "250 2.0.0 Ok: queued as 4Xyz" (Postfix), "250 Ok 0100018c...-000000" (SES),
+# "250 2.0.0 OK id=1rAbc-000123-Xy" (Exim), "250 Message accepted <id@host>" and the like.
+_QUEUED_AS = (
+    re.compile(r"\bqueued as ([A-Za-z0-9][A-Za-z0-9._@<>-]{2,120})", re.IGNORECASE),
+    re.compile(r"\bid=([A-Za-z0-9][A-Za-z0-9._-]{2,120})", re.IGNORECASE),
+    re.compile(
+        r"^250 (?:[245]\.\d{1,3}\.\d{1,3} )?Ok:? ([A-Za-z0-9][A-Za-z0-9._-]{7,120})$", re.IGNORECASE
+    ),
+)
+
+
+def queued_as(reply: str) -> str | None:
+    """The upstream's own ID for a delivered message, when its 250 reply names one."""
+    for pattern in _QUEUED_AS:
+        match = pattern.search(reply)
+        if match:
+            return match.group(1).strip("<>")
+    return None
+
+
 @attrs.frozen
 class RecipientResult:
     recipient: str
     kind: Kind
     reply: str  # "250 2.0.0 Ok: queued as X", or our own description of a failure
     uncertain: bool = False  # lost after the final dot: the upstream may have it
+    # None when delivered; otherwise where it failed (see FailureClass).
+    failure: FailureClass | None = None
+    code: int | None = None  # the upstream's reply code, when the outcome is a reply
+
+    @property
+    def queued_as(self) -> str | None:
+        return queued_as(self.reply) if self.kind is Kind.DELIVERED else None
 
 
 @attrs.frozen
@@ -41,8 +107,19 @@ class OutboundMessage:
     body_8bit: bool = False
 
 
+OnTemporary = Literal["next", "defer"]
+OnPermanent = Literal["fail", "next"]
+
+
 class IProvider(Interface):
     name = Attribute("The provider's configured name.")
+    on_temporary = Attribute(
+        "'next': a 4xx to MAIL/RCPT/DATA moves the recipient on to the next provider;"
+        " 'defer': it stays with this provider and is retried later."
+    )
+    on_permanent = Attribute(
+        "'fail': a 5xx to a recipient is final; 'next': the next provider is tried."
+    )
 
     def deliver(message: OutboundMessage) -> defer.Deferred[list[RecipientResult]]:
         """One result per recipient of ``message``. Never fails: a failure is a result."""
@@ -52,6 +129,11 @@ class IProvider(Interface):
 
 
 def all_results(
-    message: OutboundMessage, kind: Kind, reply: str, uncertain: bool = False
+    message: OutboundMessage,
+    kind: Kind,
+    reply: str,
+    uncertain: bool = False,
+    failure: FailureClass | None = None,
+    code: int | None = None,
 ) -> list[RecipientResult]:
-    return [RecipientResult(r, kind, reply, uncertain) for r in message.recipients]
+    return [RecipientResult(r, kind, reply, uncertain, failure, code) for r in message.recipients]
