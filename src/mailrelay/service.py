@@ -211,7 +211,13 @@ def buildService(
     _ThreadPoolService(pool).setServiceParent(top)
 
     providers = {p.name: _build_provider(p, reactor, runner, metrics) for p in config.providers}
-    router = Router([providers[name] for name in config.routing.default])
+    router = Router(
+        [providers[name] for name in config.routing.default],
+        {
+            domain: [providers[name] for name in chain]
+            for domain, chain in config.routing.sender_domains.items()
+        },
+    )
     policy = RetryPolicy(
         initial=config.spool.retry_initial,
         maximum=config.spool.retry_max,

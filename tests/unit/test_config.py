@@ -148,6 +148,54 @@ def test_implicit_tls_defaults_to_port_465() -> None:
             "routing.default: must be a non-empty list of provider names",
         ),
         ("[routing]\n", "routing.default: required when [routing] is present"),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\n"
+            "[routing]\ndefault = ['a']\n[routing.sender_domains]\n'b.example' = ['zz']\n",
+            "routing.sender_domains.b.example[0]: no provider named 'zz'",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\n"
+            "[routing]\ndefault = ['a']\n[routing.sender_domains]\n'b example' = ['a']\n",
+            "routing.sender_domains.b example: not a valid domain name",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\ntls = 'none'\n",
+            "providers[0].tls: 'none' is only allowed for a loopback upstream (or with insecure",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\ninsecure = true\n",
+            "providers[0].insecure: only means something with tls = 'none'",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\ntls = 'none'\ninsecure = true\n"
+            "username = 'u'\npassword_env = 'P'\n",
+            "providers[0].tls: AUTH to a non-loopback host needs tls = starttls or implicit",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\nrate = -1\n",
+            "providers[0].rate: must not be negative",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\nrate = 'fast'\n",
+            "providers[0].rate: must be a number per second",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\non_temporary = 'retry'\n",
+            "providers[0].on_temporary: must be one of next, defer (got 'retry')",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\nauth_mechanisms = ['XOAUTH2']\n",
+            "providers[0].auth_mechanisms[0]: must be PLAIN, LOGIN or CRAM-MD5",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\nclient_cert = '/nonexistent/c.pem'\n",
+            "providers[0].client_cert: no such file '/nonexistent/c.pem'",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\nbreaker_cooldown = 60\n"
+            "breaker_max_cooldown = 10\n",
+            "providers[0].breaker_max_cooldown: must not be less than breaker_cooldown",
+        ),
         ("[log]\nformat = 'json'\n", "log: unknown key"),
         ("smtp = 3\n", "smtp: must be a table"),
     ],
@@ -186,10 +234,40 @@ def test_password_file(tmp_path: Path) -> None:
     assert config.provider("a").password() == "from-file"
 
 
+def test_shaping_and_policy_keys() -> None:
+    config = parse_text(
+        "[[providers]]\nname='a'\nhost='10.0.0.1'\ntls='none'\ninsecure=true\n"
+        "batch_size=0\nbatch_delay=0\nrate=0.5\nrecipient_rate=100\ndaily_quota=50000\n"
+        "on_temporary='defer'\non_permanent='next'\nauth_mechanisms=['login','plain']\n"
+        "keepalive=0\n"
+    )
+    a = config.provider("a")
+    assert (a.batch_size, a.batch_delay, a.rate, a.recipient_rate, a.daily_quota) == (
+        0,
+        0.0,
+        0.5,
+        100.0,
+        50000,
+    )
+    assert (a.on_temporary, a.on_permanent, a.insecure, a.keepalive) == ("defer", "next", True, 0.0)
+    assert a.auth_mechanisms == ("LOGIN", "PLAIN")
+
+
+def test_sender_domain_chains() -> None:
+    config = parse_text(
+        "[[providers]]\nname='a'\nhost='a.example'\n[[providers]]\nname='b'\nhost='b.example'\n"
+        "[routing]\ndefault=['a','b']\n[routing.sender_domains]\n'Brand.Example'=['b']\n"
+    )
+    assert config.routing.chain_for("x@brand.example") == ("b",)
+    assert config.routing.chain_for("x@other.example") == ("a", "b")
+    assert config.routing.chain_for("") == ("a", "b")
+
+
 def test_rendered_config_parses_back_to_the_same_values() -> None:
     config = parse_text(
         "[[providers]]\nname='ses'\nhost='email-smtp.example.com'\nport=587\n"
-        "username='AKIA'\npassword_env='MR_UNSET'\n"
+        "username='AKIA'\npassword_env='MR_UNSET'\nrate=14\n"
+        "[routing]\ndefault=['ses']\n[routing.sender_domains]\n'brand.example'=['ses']\n"
     )
     rendered = render_config(config)
     assert "# NOT SET in this environment" in rendered
@@ -197,6 +275,7 @@ def test_rendered_config_parses_back_to_the_same_values() -> None:
     again = parse(tomllib.loads(rendered))
     assert again.providers == config.providers
     assert again.smtp == config.smtp and again.spool == config.spool
+    assert again.routing == config.routing
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
+from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
-from mailrelay.outbound.results import IProvider, Kind, RecipientResult
+from mailrelay.outbound.results import (
+    FailureClass,
+    IProvider,
+    Kind,
+    OutboundMessage,
+    RecipientResult,
+    all_results,
+)
 from mailrelay.outbound.router import RoutedResult, Router
 from tests.unit.fakes import (
     FakeProvider,
@@ -114,3 +123,101 @@ def test_close_closes_every_provider() -> None:
     providers = [FakeProvider("p1"), FakeProvider("p2")]
     result_of(Router(providers).close())
     assert all(p.closed for p in providers)
+
+
+# -- policy by failure class ------------------------------------------------------------------
+
+
+def rcpt_4xx(m: OutboundMessage) -> list[RecipientResult]:
+    return all_results(
+        m, Kind.TEMPORARY, "451 4.3.0 try later", failure=FailureClass.RCPT, code=451
+    )
+
+
+@pytest.mark.parametrize("failure", [FailureClass.MAIL, FailureClass.RCPT, FailureClass.DATA])
+def test_a_provider_set_to_defer_keeps_its_4xx_recipients(failure: FailureClass) -> None:
+    def answer(m: OutboundMessage) -> list[RecipientResult]:
+        return all_results(m, Kind.TEMPORARY, "421 4.4.2 bye", failure=failure, code=421)
+
+    p1 = FakeProvider("p1", answer, on_temporary="defer")
+    p2 = FakeProvider("p2")
+    routed = result_of(Router([p1, p2]).deliver(message(A, B)))
+    assert summary(routed) == [(A, Kind.TEMPORARY, "p1"), (B, Kind.TEMPORARY, "p1")]
+    assert p2.delivered == []
+
+
+@pytest.mark.parametrize(
+    "failure", [f for f in FailureClass if f.is_session], ids=lambda f: str(f.value)
+)
+def test_session_failures_move_on_even_from_a_provider_set_to_defer(failure: FailureClass) -> None:
+    def answer(m: OutboundMessage) -> list[RecipientResult]:
+        return all_results(m, Kind.TEMPORARY, "provider unavailable", failure=failure)
+
+    p1 = FakeProvider("p1", answer, on_temporary="defer")
+    p2 = FakeProvider("p2")
+    routed = result_of(Router([p1, p2]).deliver(message(A)))
+    assert summary(routed) == [(A, Kind.DELIVERED, "p2")]
+
+
+def test_4xx_moves_on_by_default() -> None:
+    p1, p2 = FakeProvider("p1", rcpt_4xx), FakeProvider("p2")
+    routed = result_of(Router([p1, p2]).deliver(message(A)))
+    assert summary(routed) == [(A, Kind.DELIVERED, "p2")]
+
+
+def test_on_permanent_next_tries_the_next_provider_and_the_last_5xx_is_final() -> None:
+    p1 = FakeProvider("p1", answer_all(Kind.PERMANENT, "550 p1 says no"), on_permanent="next")
+    p2 = FakeProvider("p2", answer_all(Kind.PERMANENT, "550 p2 says no"), on_permanent="next")
+    routed = result_of(Router([p1, p2]).deliver(message(A)))
+    assert [m.recipients for m in p2.delivered] == [(A,)]
+    assert [(r.result.kind, r.result.reply, r.provider) for r in routed] == [
+        (Kind.PERMANENT, "550 p2 says no", "p2")
+    ]
+
+
+def test_settled_recipients_are_recorded_before_the_rest_move_on() -> None:
+    p1 = FakeProvider("p1", answer_by_recipient({A: Kind.DELIVERED, B: Kind.TEMPORARY}))
+    p2 = FakeProvider("p2", hold=True)
+    recorded: list[list[str]] = []
+
+    async def record(settled: list[RoutedResult]) -> None:
+        recorded.append([r.result.recipient for r in settled])
+
+    d = Router([p1, p2]).deliver(message(A, B), record)
+    assert recorded == [[A]] and not has_fired(d)
+    p2.release()
+    assert summary(result_of(d)) == [(A, Kind.DELIVERED, "p1"), (B, Kind.DELIVERED, "p2")]
+
+
+# -- chains by sender domain --------------------------------------------------------------------
+
+
+def test_sender_domain_picks_its_own_chain_case_insensitively() -> None:
+    default, special = FakeProvider("default"), FakeProvider("special")
+    router = Router([default], {"Brand.Example": [special]})
+    routed = result_of(router.deliver(attrs.evolve(message(A), sender="news@BRAND.example")))
+    assert summary(routed) == [(A, Kind.DELIVERED, "special")]
+    assert default.delivered == []
+
+
+@pytest.mark.parametrize("sender", ["", "someone@other.example", "someone@sub.brand.example"])
+def test_other_senders_and_the_null_sender_use_the_default_chain(sender: str) -> None:
+    default, special = FakeProvider("default"), FakeProvider("special")
+    router = Router([default], {"brand.example": [special]})
+    routed = result_of(router.deliver(attrs.evolve(message(A), sender=sender)))
+    assert summary(routed) == [(A, Kind.DELIVERED, "default")]
+
+
+def test_close_closes_a_provider_shared_by_chains_once() -> None:
+    shared = FakeProvider("shared")
+    closes = 0
+    original = shared.close
+
+    def counting_close() -> defer.Deferred[None]:
+        nonlocal closes
+        closes += 1
+        return original()
+
+    shared.close = counting_close  # type: ignore[method-assign]
+    result_of(Router([shared], {"a.example": [shared], "b.example": [shared]}).close())
+    assert closes == 1

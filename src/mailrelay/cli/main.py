@@ -63,6 +63,10 @@ def render_config(config: Config) -> str:
             out.append(line)
     out.append("\n[routing]")
     out.append(f"default = {_toml_value(config.routing.default)}")
+    if config.routing.sender_domains:
+        out.append("\n[routing.sender_domains]")
+        for domain, chain in config.routing.sender_domains.items():
+            out.append(f"{_toml_value(domain)} = {_toml_value(chain)}")
     return "\n".join(out) + "\n"
 
 

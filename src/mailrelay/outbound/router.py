@@ -1,15 +1,25 @@
 """Failover along a provider chain.
 
-Each provider in the chain gets the recipients still without a final outcome. A delivered or
-permanently failed recipient is settled where it happened; a temporary failure (connection,
-TLS, greeting, AUTH, 4xx) moves that recipient on to the next provider (the seed's "try each
-provider until one succeeds"). What is still temporary at the end of the chain is deferred by
-the queue, with the last provider's reply.
+The chain is chosen by the sender's domain (``[routing] sender_domains``), else the default.
+Each provider in the chain gets the recipients still without an outcome for this attempt. What
+a provider's result leads to is decided by its failure class (design.md, errors by class):
+
+- delivered: settled where it happened;
+- a session failure (connect, greeting, TLS, AUTH, timeout, lost connection, breaker open,
+  quota used): the provider could not take mail at all, so the recipient moves on to the next
+  provider;
+- a 4xx to MAIL, RCPT or DATA (421 mid-session included): moves on by default (the seed's "try
+  each provider until one succeeds"); with the provider's ``on_temporary = "defer"`` it stays
+  with this provider and the queue retries it later;
+- a 5xx: the recipient failed for good and is never tried elsewhere, unless the provider says
+  ``on_permanent = "next"``.
+
+What is still temporary at the end of the chain is deferred by the queue, with the last reply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import attrs
 from twisted.internet import defer
@@ -27,13 +37,35 @@ class RoutedResult:
 RecordStep = Callable[[list[RoutedResult]], Awaitable[None]]
 
 
+def moves_on(result: RecipientResult, provider: IProvider) -> bool:
+    """Does this result send the recipient on to the next provider of the chain?"""
+    if result.kind is Kind.DELIVERED:
+        return False
+    if result.kind is Kind.PERMANENT:
+        return bool(provider.on_permanent == "next")
+    if result.failure is None or result.failure.is_session:
+        return True  # the provider took nothing: the next one may
+    return bool(provider.on_temporary == "next")
+
+
 class Router:
     log = Logger()
 
-    def __init__(self, chain: Sequence[IProvider]) -> None:
+    def __init__(
+        self,
+        chain: Sequence[IProvider],
+        sender_domains: Mapping[str, Sequence[IProvider]] | None = None,
+    ) -> None:
         if not chain:
             raise ValueError("a routing chain needs at least one provider")
         self.chain = tuple(chain)
+        self._by_domain = {d.lower(): tuple(c) for d, c in (sender_domains or {}).items()}
+        if any(not c for c in self._by_domain.values()):
+            raise ValueError("a routing chain needs at least one provider")
+
+    def chain_for(self, sender: str) -> tuple[IProvider, ...]:
+        domain = sender.rpartition("@")[2].lower() if "@" in sender else ""
+        return self._by_domain.get(domain, self.chain)
 
     def deliver(
         self, message: OutboundMessage, record: RecordStep | None = None
@@ -46,36 +78,40 @@ class Router:
     async def _deliver(
         self, message: OutboundMessage, record: RecordStep | None
     ) -> list[RoutedResult]:
-        settled: dict[str, RoutedResult] = {}
-        last: dict[str, RoutedResult] = {}
+        chain = self.chain_for(message.sender)
+        outcome: dict[str, RoutedResult] = {}
         remaining = message.recipients
-        for index, provider in enumerate(self.chain):
+        for index, provider in enumerate(chain):
             if not remaining:
                 break
             results = await provider.deliver(attrs.evolve(message, recipients=remaining))
+            has_next = index + 1 < len(chain)
+            passed_on: list[RecipientResult] = []
             settled_here: list[RoutedResult] = []
             for result in results:
                 routed = RoutedResult(result, provider.name)
-                if result.kind is Kind.TEMPORARY:
-                    last[result.recipient] = routed
-                else:
-                    settled[result.recipient] = routed
+                outcome[result.recipient] = routed
+                if has_next and moves_on(result, provider):
+                    passed_on.append(result)
+                elif result.kind is not Kind.TEMPORARY:
                     settled_here.append(routed)
-            temporary = [r for r in results if r.kind is Kind.TEMPORARY]
-            if temporary and settled_here and record is not None and index + 1 < len(self.chain):
+            if passed_on and settled_here and record is not None:
                 await record(settled_here)
-            if temporary:
+            if passed_on:
                 self.log.warn(
-                    "{queue_id} provider {provider} failed temporarily for {count} recipient(s):"
-                    " {reply}",
+                    "{queue_id} provider {provider} failed for {count} recipient(s), trying"
+                    " {next_provider}: {reply}",
                     queue_id=message.queue_id,
                     provider=provider.name,
-                    count=len(temporary),
-                    reply=temporary[0].reply,
+                    count=len(passed_on),
+                    next_provider=chain[index + 1].name,
+                    reply=passed_on[0].reply,
                 )
-            remaining = tuple(r for r in remaining if r not in settled)
-        return [settled.get(r) or last[r] for r in message.recipients]
+            moving = {r.recipient for r in passed_on}
+            remaining = tuple(r for r in remaining if r in moving)
+        return [outcome[r] for r in message.recipients]
 
     def close(self) -> defer.Deferred[None]:
-        d = defer.gatherResults([p.close() for p in self.chain], consumeErrors=True)
+        providers = {id(p): p for c in (self.chain, *self._by_domain.values()) for p in c}
+        d = defer.gatherResults([p.close() for p in providers.values()], consumeErrors=True)
         return d.addCallback(lambda _: None)
