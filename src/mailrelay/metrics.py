@@ -97,6 +97,32 @@ class Metrics:
             ["provider", "result"],
             registry=r,
         )
+        self.upstream_open_connections = Gauge(
+            "mailrelay_upstream_open_connections",
+            "Connections to upstream providers open now, by provider.",
+            ["provider"],
+            registry=r,
+        )
+        self.upstream_breaker_state = Gauge(
+            "mailrelay_upstream_breaker_state",
+            "Circuit breaker per provider: 0 closed, 1 half-open (probing), 2 open.",
+            ["provider"],
+            registry=r,
+        )
+        self.upstream_throttled = Counter(
+            "mailrelay_upstream_throttled_total",
+            "Throttling replies from upstream providers (e.g. 454, 421), after which the"
+            " provider's sending rate was halved.",
+            ["provider"],
+            registry=r,
+        )
+        self.upstream_transaction_seconds = Histogram(
+            "mailrelay_upstream_transaction_seconds",
+            "Time from handing a message to a ready connection to the upstream's last reply.",
+            ["provider"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self._queue_depth = Gauge(
             "mailrelay_queue_depth",
             "Messages in the spool's queue, by state.",

@@ -498,6 +498,8 @@ class DeliveryQueue:
             result = r.result
             if result.kind is Kind.DELIVERED:
                 self._metrics.recipients_delivered.labels(r.provider).inc()
+                # The upstream's own ID is a field of its own, for log searches that start
+                # from the provider's side ("where is their message 0100018c...?").
                 self.log.info(
                     "{queue_id} delivered to <{recipient}> via {provider}"
                     " in {elapsed:.3f}s: {reply}",
@@ -506,6 +508,7 @@ class DeliveryQueue:
                     provider=r.provider,
                     elapsed=elapsed,
                     reply=result.reply,
+                    queued_as=result.queued_as,
                 )
             elif result.kind is Kind.PERMANENT:
                 self._metrics.recipients_failed.inc()

@@ -9,9 +9,14 @@ import pytest
 from twisted.internet import error
 from twisted.internet.task import Clock
 
-from mailrelay.outbound.client import NO_8BITMIME, RelayClient, SessionError
+from mailrelay.outbound.client import (
+    NO_8BITMIME,
+    RelayClient,
+    SessionError,
+    failure_class_of_stage,
+)
 from mailrelay.outbound.payload import build_data_payload
-from mailrelay.outbound.results import Kind, OutboundMessage, RecipientResult
+from mailrelay.outbound.results import FailureClass, Kind, OutboundMessage, RecipientResult
 from tests.unit.fakes import (
     EHLO_PIPELINING,
     EHLO_PLAIN,
@@ -354,8 +359,12 @@ def test_final_5xx_fails_the_accepted_recipients_permanently_and_resets() -> Non
     s.up.take()
     s.up.reply(b"554 5.6.0 content rejected\r\n")
     results = by_recipient(result_of(d))
-    assert results[A] == RecipientResult(A, Kind.PERMANENT, "554 5.6.0 content rejected")
-    assert results[B] == RecipientResult(B, Kind.PERMANENT, "550 5.1.1 nope")
+    assert results[A] == RecipientResult(
+        A, Kind.PERMANENT, "554 5.6.0 content rejected", failure=FailureClass.DATA, code=554
+    )
+    assert results[B] == RecipientResult(
+        B, Kind.PERMANENT, "550 5.1.1 nope", failure=FailureClass.RCPT, code=550
+    )
     assert s.up.take() == b"RSET\r\n"
     assert not s.client.is_ready
     s.up.reply(b"250 ok\r\n")
@@ -584,9 +593,9 @@ def test_auth_rejected_fails_setup_once_and_never_leaks_the_password() -> None:
         assert token not in text
 
 
-def test_auth_without_plain_mechanism_fails_setup_without_sending_credentials() -> None:
+def test_auth_without_a_configured_mechanism_fails_setup_without_sending_credentials() -> None:
     s = _auth_session()
-    s.up.reply(b"250-upstream.test\r\n250 AUTH CRAM-MD5\r\n")
+    s.up.reply(b"250-upstream.test\r\n250 AUTH XOAUTH2 GSSAPI\r\n")
     assert s.session_error().stage == "auth"
     assert b"AUTH" not in s.up.take()
 
@@ -775,3 +784,402 @@ def test_implicit_tls_handshake_failure_is_a_tls_failure() -> None:
     s = Session(tls_options=TLS_CONTEXT, tls="implicit", host="smtp.example.com")
     s.up.lose(SSL.Error([("SSL routines", "", "certificate verify failed")]))
     assert s.session_error().stage == "tls"
+
+
+# -- failure classes and codes ------------------------------------------------------------------
+
+
+def classes(
+    results: list[RecipientResult],
+) -> dict[str, tuple[Kind, FailureClass | None, int | None]]:
+    return {r.recipient: (r.kind, r.failure, r.code) for r in results}
+
+
+@pytest.mark.parametrize(
+    ("stage", "failure"),
+    [
+        ("connect", FailureClass.CONNECT),
+        ("greeting", FailureClass.GREETING),
+        ("tls", FailureClass.TLS),
+        ("auth", FailureClass.AUTH),
+        ("timeout", FailureClass.TIMEOUT),
+        ("protocol", FailureClass.PROTOCOL),
+        ("shutdown", FailureClass.UNAVAILABLE),
+        ("lost", FailureClass.LOST),
+    ],
+)
+def test_failure_class_of_stage(stage: str, failure: FailureClass) -> None:
+    assert failure_class_of_stage(stage) is failure
+
+
+def test_an_unknown_stage_is_still_a_session_class() -> None:
+    assert failure_class_of_stage("something new").is_session
+
+
+def test_delivered_results_carry_the_code_and_no_failure() -> None:
+    s = ready_session()
+    d = s.client.send(message(A, B))
+    s.up.reply(b"250 ok\r\n250 ok\r\n550 5.1.1 no B\r\n354 go\r\n250 2.0.0 queued\r\n")
+    assert classes(result_of(d)) == {
+        A: (Kind.DELIVERED, None, 250),
+        B: (Kind.PERMANENT, FailureClass.RCPT, 550),
+    }
+
+
+@pytest.mark.parametrize("ehlo", [EHLO_PIPELINING, EHLO_PLAIN], ids=["pipelined", "one-by-one"])
+def test_a_refused_mail_is_class_mail_for_every_recipient(ehlo: bytes) -> None:
+    s = ready_session(ehlo)
+    d = s.client.send(message(A, B))
+    s.up.reply(b"550 5.7.1 sender refused\r\n")
+    if ehlo == EHLO_PIPELINING:
+        s.up.reply(b"503 no\r\n503 no\r\n554 no valid recipients\r\n")
+    assert classes(result_of(d)) == {
+        A: (Kind.PERMANENT, FailureClass.MAIL, 550),
+        B: (Kind.PERMANENT, FailureClass.MAIL, 550),
+    }
+
+
+@pytest.mark.parametrize(
+    ("replies", "code"),
+    [
+        (b"250 ok\r\n250 ok\r\n451 4.3.0 no DATA now\r\n", 451),  # the reply to DATA
+        (b"250 ok\r\n250 ok\r\n354 go\r\n554 5.6.0 content rejected\r\n", 554),  # final dot
+        (b"250 ok\r\n250 ok\r\n354 go\r\n452 4.3.1 out of space\r\n", 452),
+    ],
+    ids=["data", "final-5xx", "final-4xx"],
+)
+def test_replies_to_data_and_the_final_dot_are_class_data(replies: bytes, code: int) -> None:
+    s = ready_session()
+    d = s.client.send(message(A))
+    s.up.reply(replies)
+    [r] = result_of(d)
+    assert (r.failure, r.code, r.uncertain) == (FailureClass.DATA, code, False)
+
+
+@pytest.mark.parametrize(
+    ("replies", "uncertain"),
+    [(b"", False), (b"250 ok\r\n250 ok\r\n", False), (b"250 ok\r\n250 ok\r\n354 go\r\n", True)],
+    ids=["before-mail-reply", "before-354", "after-final-dot"],
+)
+def test_a_connection_lost_mid_transaction_is_class_lost(replies: bytes, uncertain: bool) -> None:
+    s = ready_session()
+    d = s.client.send(message(A))
+    s.up.reply(replies)
+    s.up.lose(error.ConnectionLost())
+    [r] = result_of(d)
+    assert (r.kind, r.failure, r.code, r.uncertain) == (
+        Kind.TEMPORARY,
+        FailureClass.LOST,
+        None,
+        uncertain,
+    )
+
+
+@pytest.mark.parametrize(
+    ("replies", "wait", "uncertain"),
+    [
+        (b"", TIMEOUTS["command_timeout"], False),
+        (b"250 ok\r\n250 ok\r\n550 no B\r\n", TIMEOUTS["data_timeout"], False),
+        (
+            b"250 ok\r\n250 ok\r\n550 no B\r\n354 go\r\n",
+            TIMEOUTS["data_timeout"] + TIMEOUTS["final_timeout"],
+            True,
+        ),
+    ],
+    ids=["command", "data", "final"],
+)
+def test_stage_timeouts_are_class_timeout(replies: bytes, wait: float, uncertain: bool) -> None:
+    s = ready_session()
+    d = s.client.send(message(A, B))
+    s.up.reply(replies)
+    s.clock.advance(wait + 0.1)
+    results = by_recipient(result_of(d))
+    assert (results[A].failure, results[A].code, results[A].uncertain) == (
+        FailureClass.TIMEOUT,
+        None,
+        uncertain,
+    )
+    # An answer that came before the timeout stands.
+    expected_b = (FailureClass.RCPT, 550) if replies else (FailureClass.TIMEOUT, None)
+    assert (results[B].failure, results[B].code) == expected_b
+
+
+@pytest.mark.parametrize(
+    "bad_reply", [b"250 2.0.0 shifted by one\r\n", b"garbage\r\n"], ids=["data-250", "no-code"]
+)
+def test_protocol_errors_mid_transaction_are_class_protocol(bad_reply: bytes) -> None:
+    s = ready_session()
+    d = s.client.send(message(A))
+    s.up.reply(b"250 ok\r\n250 ok\r\n" + bad_reply)
+    [r] = result_of(d)
+    assert (r.kind, r.failure, r.code, r.uncertain) == (
+        Kind.TEMPORARY,
+        FailureClass.PROTOCOL,
+        None,
+        False,
+    )
+    assert s.up.aborted
+
+
+def test_an_aborted_transaction_is_class_unavailable() -> None:
+    """Our own shutdown: the provider is not to blame."""
+    s = ready_session()
+    d = s.client.send(message(A))
+    s.client.abort("relay shutting down")
+    [r] = result_of(d)
+    assert (r.kind, r.failure) == (Kind.TEMPORARY, FailureClass.UNAVAILABLE)
+
+
+def test_the_8bitmime_refusal_is_a_session_class_that_moves_on() -> None:
+    s = ready_session(b"250 up\r\n")
+    msg = OutboundMessage("Q", "s@example.test", (A,), b"caf\xc3\xa9\r\n", body_8bit=True)
+    [r] = result_of(s.client.send(msg))
+    assert (r.kind, r.failure, r.code) == (Kind.TEMPORARY, FailureClass.UNAVAILABLE, None)
+    assert r.failure.is_session and not r.failure.counts_against_provider
+
+
+# -- 421 in the middle of a transaction --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("replies", "expected"),
+    [
+        (
+            b"421 4.3.2 shutting down\r\n",
+            {A: FailureClass.MAIL, B: FailureClass.MAIL},
+        ),
+        (
+            b"250 ok\r\n250 ok\r\n421 4.3.2 shutting down\r\n",
+            {A: FailureClass.RCPT, B: FailureClass.RCPT},
+        ),
+        (
+            b"250 ok\r\n550 5.1.1 no A\r\n250 ok\r\n421 4.3.2 shutting down\r\n",
+            {A: FailureClass.RCPT, B: FailureClass.DATA},
+        ),
+        (
+            b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n421 4.3.2 shutting down\r\n",
+            {A: FailureClass.DATA, B: FailureClass.DATA},
+        ),
+    ],
+    ids=["mail", "rcpt", "data", "final-dot"],
+)
+def test_421_mid_transaction_is_that_stages_class_and_ends_the_session(
+    replies: bytes, expected: dict[str, FailureClass]
+) -> None:
+    """A transaction class with code 421 (the router treats it as a 4xx of that stage); the
+    server is closing, so QUIT instead of RSET, and the client never becomes ready again."""
+    s = ready_session()
+    on_ready: list[RelayClient] = []
+    closed: list[RelayClient] = []
+    s.client.on_ready = on_ready.append
+    s.client.on_closed = closed.append
+    d = s.client.send(message(A, B))
+    s.up.take()
+    s.up.reply(replies)
+    results = result_of(d)
+    assert {r.recipient: r.failure for r in results} == expected
+    four21 = [r for r in results if r.code == 421]
+    assert four21 and all(
+        (r.kind, r.reply, r.uncertain) == (Kind.TEMPORARY, "421 4.3.2 shutting down", False)
+        for r in four21
+    )
+    written = s.up.take()
+    assert written.endswith(b"QUIT\r\n") and b"RSET" not in written
+    assert not s.client.is_ready and not s.client.may_serve
+    # Whatever else the closing server still sends, the client stays out of use.
+    s.up.reply(b"503 5.5.1 bad sequence\r\n")
+    assert s.up.closing
+    s.up.lose()
+    assert on_ready == [] and closed == [s.client]
+    assert s.client.messages_sent == 1
+
+
+def test_421_to_mail_without_pipelining_sends_no_rcpt() -> None:
+    s = ready_session(EHLO_PLAIN)
+    d = s.client.send(message(A))
+    s.up.take()
+    s.up.reply(b"421 4.3.2 closing\r\n")
+    [r] = result_of(d)
+    assert (r.failure, r.code) == (FailureClass.MAIL, 421)
+    assert s.up.take() == b"QUIT\r\n"
+
+
+# -- keepalive, idle limit, connection age -----------------------------------------------------
+
+
+def keepalive_session(**config: Any) -> tuple[Session, list[str]]:
+    """A ready session whose pool callbacks are recorded in order."""
+    s = ready_session(**config)
+    events: list[str] = []
+    s.client.on_ready = lambda c: events.append("ready")
+    s.client.on_leaving = lambda c: events.append("leaving")
+    s.client.on_closed = lambda c: events.append("closed")
+    return s, events
+
+
+def test_keepalive_noops_at_the_interval_and_quits_at_the_idle_timeout() -> None:
+    s, events = keepalive_session(keepalive=10.0, idle_timeout=30.0)
+    s.clock.advance(9.9)
+    assert s.up.take() == b""
+    s.clock.advance(0.1)
+    assert s.up.take() == b"NOOP\r\n"
+    s.clock.advance(1.0)  # the reply takes a second: the interval counts from the reply
+    s.up.reply(b"250 2.0.0 ok\r\n")
+    s.clock.advance(9.9)
+    assert s.up.take() == b""
+    s.clock.advance(0.1)
+    assert s.up.take() == b"NOOP\r\n"
+    s.up.reply(b"250 2.0.0 ok\r\n")
+    # 21 s idle so far; NOOPs are not use: QUIT 30 s after the session became ready.
+    s.clock.advance(8.9)
+    assert s.up.take() == b""
+    s.clock.advance(0.1)
+    assert s.up.take() == b"QUIT\r\n"
+    assert events == ["leaving", "ready", "leaving", "ready", "leaving"]
+
+
+def test_a_noop_in_flight_makes_the_client_not_ready_until_its_reply() -> None:
+    """The pool hears on_leaving when the NOOP goes out and on_ready on its 2xx, so it never
+    hands over a message whose MAIL reply could be confused with the NOOP's."""
+    s, events = keepalive_session(keepalive=10.0, idle_timeout=300.0)
+    s.clock.advance(10.0)
+    assert s.up.take() == b"NOOP\r\n"
+    assert events == ["leaving"]
+    assert not s.client.is_ready
+    assert s.client.may_serve  # still alive: the pool must not give up on it
+    assert not s.client.in_setup
+    with pytest.raises(AssertionError):
+        s.client.send(message(A))
+    assert s.up.take() == b""
+    s.up.reply(b"250 ok\r\n")
+    assert events == ["leaving", "ready"]
+    assert s.client.is_ready
+    d = s.client.send(message(A))
+    s.up.reply(b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n")
+    assert result_of(d)[0].kind is Kind.DELIVERED
+
+
+@pytest.mark.parametrize("reply", [b"421 4.4.2 closing", b"500 5.5.1 what", b"354 odd"])
+def test_a_noop_answered_with_anything_but_2xx_quits(reply: bytes) -> None:
+    s, events = keepalive_session(keepalive=10.0)
+    s.clock.advance(10.0)
+    assert s.up.take() == b"NOOP\r\n"
+    s.up.reply(reply + b"\r\n")
+    assert s.up.take() == b"QUIT\r\n"
+    assert events == ["leaving"]  # once: the NOOP already took it out of the idle list
+    assert not s.client.is_ready
+
+
+def test_a_noop_without_reply_is_aborted_after_the_command_timeout() -> None:
+    s, events = keepalive_session(keepalive=10.0)
+    s.clock.advance(10.0)
+    s.up.take()
+    s.clock.advance(TIMEOUTS["command_timeout"] - 0.1)
+    assert not s.up.aborted
+    s.clock.advance(0.2)
+    assert s.up.aborted
+    assert not s.client.may_serve
+
+
+def test_keepalive_zero_sends_no_noop() -> None:
+    s, _ = keepalive_session(keepalive=0, idle_timeout=100.0)
+    s.clock.advance(99.9)
+    assert s.up.take() == b""
+    s.clock.advance(0.1)
+    assert s.up.take() == b"QUIT\r\n"
+
+
+def test_the_idle_spell_starts_again_after_a_transaction() -> None:
+    s, _ = keepalive_session(keepalive=0, idle_timeout=30.0)
+    s.clock.advance(20.0)
+    d = s.client.send(message(A))
+    s.clock.advance(5.0)
+    s.up.reply(b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n")
+    result_of(d)
+    s.up.take()
+    s.clock.advance(29.9)
+    assert s.up.take() == b""
+    s.clock.advance(0.1)
+    assert s.up.take() == b"QUIT\r\n"
+
+
+def test_an_unsolicited_line_while_idle_does_not_postpone_the_idle_timeout() -> None:
+    """Each received line restarts TimeoutMixin's timer with its last period; the idle
+    deadline stays where it was."""
+    s, _ = keepalive_session(keepalive=0, idle_timeout=30.0)
+    s.clock.advance(20.0)
+    s.up.reply(b"250 unsolicited\r\n")
+    s.clock.advance(9.5)
+    assert s.up.take() == b""
+    s.clock.advance(0.5)
+    assert s.up.take() == b"QUIT\r\n"
+
+
+def test_exactly_one_timer_per_connection() -> None:
+    s = Session(keepalive=10.0, idle_timeout=35.0)
+
+    def pending() -> int:
+        return len([c for c in s.clock.getDelayedCalls() if c.active()])
+
+    assert pending() == 1  # greeting
+    s.set_up()
+    assert pending() == 1  # keepalive
+    s.clock.advance(10.0)
+    assert pending() == 1  # the NOOP's reply
+    s.up.reply(b"250 ok\r\n")
+    assert pending() == 1
+    d = s.client.send(message(A))
+    assert pending() == 1
+    s.up.reply(b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n")
+    result_of(d)
+    assert pending() == 1
+    s.client.quit()
+    assert pending() == 1
+
+
+def test_too_old_once_max_connection_age_has_passed_since_connect() -> None:
+    s = Session(max_connection_age=100.0, keepalive=0, idle_timeout=1000.0)
+    assert s.client.connected_at == 0.0
+    s.clock.advance(5.0)
+    s.set_up()
+    s.clock.advance(94.5)
+    assert not s.client.too_old
+    s.clock.advance(0.5)
+    assert s.client.too_old
+
+
+def test_never_connected_is_not_too_old() -> None:
+    client = RelayClient(provider_config(max_connection_age=1.0), Clock(), None)
+    assert client.connected_at is None
+    assert not client.too_old
+
+
+def test_an_idle_client_quits_when_it_reaches_its_age_between_keepalives() -> None:
+    s, events = keepalive_session(keepalive=10.0, idle_timeout=1000.0, max_connection_age=25.0)
+    for _ in range(2):
+        s.clock.advance(10.0)
+        assert s.up.take() == b"NOOP\r\n"
+        s.up.reply(b"250 ok\r\n")
+    s.clock.advance(4.5)
+    assert s.up.take() == b""
+    s.clock.advance(0.5)
+    assert s.client.too_old
+    assert s.up.take() == b"QUIT\r\n"
+    assert events[-1] == "leaving"
+
+
+def test_a_client_ready_again_when_too_old_quits_at_its_next_tick() -> None:
+    """The pool checks too_old when the client reports ready; if it keeps it idle anyway, the
+    client leaves by itself at once instead of sending a NOOP."""
+    s = ready_session(keepalive=10.0, idle_timeout=1000.0, max_connection_age=25.0)
+    s.clock.advance(5.0)
+    d = s.client.send(message(A))
+    s.clock.advance(19.0)
+    s.up.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    s.clock.advance(2.0)
+    s.up.reply(b"250 queued\r\n")
+    result_of(d)
+    assert s.client.too_old and s.client.is_ready
+    s.up.take()
+    s.clock.advance(0)
+    assert s.up.take() == b"QUIT\r\n"

@@ -9,8 +9,10 @@ steps, with what a relay needs in place of the rest (items of shared/twisted-pit
   server advertises PIPELINING.
 - Per-recipient results (19); no retries of our own, never a resend after the final dot (20).
 - A timeout per stage (21): greeting, command, data, final.
-- AUTH only after TLS or to a loopback host (22), one attempt (24); session logging off so a
-  credential can never reach an error string (23).
+- AUTH only after TLS or to a loopback host (22), one attempt with one mechanism (24): the
+  first of ``provider.auth_mechanisms`` (PLAIN, LOGIN, CRAM-MD5) that the server offers; a
+  refusal never leads to another mechanism. Session logging off and generic error texts, so a
+  credential can never reach an error string or a log line (23).
 - STARTTLS: bytes the server sent after "220 ready" are an attack, not data: abort (26).
 - Implicit TLS (25): the transport is TLS from the first byte (the pool wraps the endpoint), so
   the session counts as secure from connectionMade, whatever interfaces the transport declares,
@@ -18,16 +20,26 @@ steps, with what a relay needs in place of the rest (items of shared/twisted-pit
 - While ready, nothing is pending: any reply is unsolicited; a 4xx/5xx means the server is
   going away (421), so the client leaves; anything else is ignored. A reply to DATA other
   than 354/4xx/5xx is a protocol error: no body was sent, so nothing counts as delivered.
+- A 421 in the middle of a transaction is that stage's answer (MAIL, RCPT or DATA, code 421)
+  for every recipient still without one, and ends the session: QUIT, never RSET and reuse.
 - A message with an 8-bit body is never sent to a server without 8BITMIME (RFC 6152).
+- Idle (ready) connections: a NOOP every ``keepalive`` seconds finds a dead connection before a
+  message does; QUIT after ``idle_timeout`` seconds idle in all (NOOPs do not count as use) or
+  once ``max_connection_age`` is reached. One TimeoutMixin timer serves every deadline. While a
+  NOOP waits for its reply the client is not ready (the pool hears ``on_leaving``, then
+  ``on_ready`` on the 2xx), so a message is never handed over with a NOOP in flight.
+- Every result carries its FailureClass (results.py) and, when a reply decided it, the code.
 """
 
 from __future__ import annotations
 
 import base64
 import enum
+import hashlib
+import hmac
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 from OpenSSL import SSL
 from twisted.internet import defer, error
@@ -40,7 +52,13 @@ from mailrelay.clock import InjectedClockTimeouts
 from mailrelay.config import ProviderConfig
 from mailrelay.netaddr import is_loopback_host
 from mailrelay.outbound.payload import build_data_payload
-from mailrelay.outbound.results import Kind, OutboundMessage, RecipientResult, kind_of_reply
+from mailrelay.outbound.results import (
+    FailureClass,
+    Kind,
+    OutboundMessage,
+    RecipientResult,
+    kind_of_reply,
+)
 
 MAX_REPLY_TEXT = 400
 
@@ -59,12 +77,78 @@ class SessionError(Exception):
         self.detail = detail
 
 
+# SessionError.stage -> the class its results carry. "shutdown" is our own abort (grace
+# expired): not the provider's failure. "lost" and "unavailable" name themselves.
+_STAGE_CLASSES = {
+    "connect": FailureClass.CONNECT,
+    "greeting": FailureClass.GREETING,
+    "tls": FailureClass.TLS,
+    "auth": FailureClass.AUTH,
+    "timeout": FailureClass.TIMEOUT,
+    "protocol": FailureClass.PROTOCOL,
+    "lost": FailureClass.LOST,
+    "shutdown": FailureClass.UNAVAILABLE,
+    "unavailable": FailureClass.UNAVAILABLE,
+}
+
+
+def failure_class_of_stage(stage: str) -> FailureClass:
+    """The session class for a SessionError's ``stage`` (for setup failures and lost
+    transactions). An unknown stage is still a session failure the provider answers for:
+    CONNECT, so the recipients move on and the breaker counts it."""
+    return _STAGE_CLASSES.get(stage, FailureClass.CONNECT)
+
+
 class _State(enum.Enum):
     SETUP = "setup"
     READY = "ready"
+    NOOP = "noop"  # a keepalive NOOP waits for its reply: not ready, but alive
     BUSY = "busy"
     CLOSING = "closing"
     CLOSED = "closed"
+
+
+# The class of a reply by the command it answers; the final dot and the empty message sent
+# to close a DATA nobody was accepted for are both DATA.
+_COMMAND_CLASSES = {
+    "MAIL": FailureClass.MAIL,
+    "RCPT": FailureClass.RCPT,
+    "DATA": FailureClass.DATA,
+    "FINAL": FailureClass.DATA,
+    "DISCARD": FailureClass.DATA,
+}
+
+# After a transaction: ready at once, RSET first, or QUIT (the server said 421).
+_Then = Literal["ready", "reset", "quit"]
+
+_AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+
+# Answers one 334 challenge (as sent: base64) with the bytes to send, before base64.
+_Responder = Callable[[bytes], bytes]
+
+
+def _auth_exchange(mechanism: str, username: str, password: str) -> tuple[bytes, list[_Responder]]:
+    """The AUTH command line for ``mechanism`` and its answers to the server's challenges, in
+    order. PLAIN sends everything in the command (RFC 4616), LOGIN answers two challenges
+    with the username and the password, CRAM-MD5 (RFC 2195) answers the one challenge with
+    "user hex(HMAC-MD5(password, challenge))"."""
+    user = username.encode("utf-8")
+    secret = password.encode("utf-8")
+    if mechanism == "PLAIN":
+        return b"AUTH PLAIN " + base64.b64encode(b"\0" + user + b"\0" + secret), []
+    if mechanism == "LOGIN":
+        # The challenges say "Username:" and "Password:"; servers differ in the wording and
+        # never in the order, so their text is not checked.
+        return b"AUTH LOGIN", [lambda _: user, lambda _: secret]
+    if mechanism == "CRAM-MD5":
+
+        def digest(challenge: bytes) -> bytes:
+            # binascii.Error (a ValueError) on a malformed challenge: the caller gives up.
+            nonce = base64.b64decode(challenge, validate=True)
+            return user + b" " + hmac.new(secret, nonce, hashlib.md5).hexdigest().encode()
+
+        return b"AUTH CRAM-MD5", [digest]
+    raise ValueError(f"unsupported AUTH mechanism {mechanism}")
 
 
 def _reply_text(code: int, resp: bytes | str) -> str:
@@ -124,13 +208,25 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         self._extensions: dict[bytes, bytes | None] = {}
         self._transaction: _Transaction | None = None
         self.messages_sent = 0
+        # clock.seconds() when the TCP connection was made; for max_connection_age.
+        self.connected_at: float | None = None
+        # When the current idle spell began (session set up or a transaction ended); a
+        # keepalive NOOP does not start a new one.
+        self._idle_since = 0.0
+        # What the idle timer does when it fires: QUIT (idle or age limit) or a NOOP.
+        self._idle_tick_quits = True
+        # The AUTH exchange in progress: the mechanism, the answers to its challenges still
+        # to send, whether the credentials went out already (for the error text only).
+        self._auth_mechanism = ""
+        self._auth_responders: deque[_Responder] = deque()
+        self._auth_credentials_sent = False
         # Fires with this client once the session is set up, or fails with SessionError.
         self.ready: defer.Deferred[RelayClient] = defer.Deferred()
         # True once the session was set up: a client that never got there is a failed attempt.
         self.established = False
         # Set by the pool: called when the client becomes ready again, when it stops being
-        # ready on its own (QUIT on idle timeout or on a 421, a broken session), and when the
-        # connection is gone.
+        # ready on its own (a keepalive NOOP, QUIT on idle timeout or on a 421, a broken
+        # session), and when the connection is gone.
         self.on_ready: Callable[[RelayClient], object] | None = None
         self.on_leaving: Callable[[RelayClient], object] | None = None
         self.on_closed: Callable[[RelayClient], object] | None = None
@@ -150,11 +246,20 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
 
     @property
     def may_serve(self) -> bool:
-        """Ready, busy or still setting up: this connection may yet carry waiting messages."""
-        return self._state in (_State.SETUP, _State.READY, _State.BUSY)
+        """Ready, busy, in a keepalive or still setting up: this connection may yet carry
+        waiting messages."""
+        return self._state in (_State.SETUP, _State.READY, _State.NOOP, _State.BUSY)
+
+    @property
+    def too_old(self) -> bool:
+        """Connected for ``max_connection_age`` seconds or more: QUIT instead of reuse, so a
+        connection never outlives the upstream's session limits."""
+        if self.connected_at is None:
+            return False
+        return self._clock.seconds() - self.connected_at >= self.provider.max_connection_age
 
     def _leave(self, state: _State) -> None:
-        """Enter CLOSING or CLOSED; tell the pool when that ends an idle (ready) spell."""
+        """Enter a state other than READY; tell the pool when that ends a ready spell."""
         was_ready = self._state is _State.READY
         self._state = state
         if was_ready and self.on_leaving is not None:
@@ -163,6 +268,7 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
     # -- session setup ------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self.connected_at = self._clock.seconds()
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
         super().connectionMade()
@@ -213,42 +319,96 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         if not secure:
             self._session_failed("auth", "refusing to send credentials without TLS")
             return
-        mechanisms = (self._extensions.get(b"AUTH") or b"").upper().split()
-        if b"PLAIN" not in mechanisms:
-            self._session_failed("auth", "server does not offer AUTH PLAIN")
+        offered = (self._extensions.get(b"AUTH") or b"").upper().split()
+        configured = [m.upper() for m in self.provider.auth_mechanisms]
+        # Our order, not the server's: the first configured mechanism it offers (config.py
+        # accepts only those _auth_exchange knows; the check keeps a hand-built config from
+        # raising in the middle of the session).
+        mechanism = next(
+            (m for m in configured if m in _AUTH_MECHANISMS and m.encode("ascii") in offered),
+            None,
+        )
+        if mechanism is None:
+            self._session_failed(
+                "auth",
+                "server offers none of the configured AUTH mechanisms: " + " ".join(configured),
+            )
             return
         if not self._password:
             # The pool never connects without a password; an empty one would only count
             # toward the provider's lockout.
             self._session_failed("auth", "no password available")
             return
-        token = base64.b64encode(
-            b"\0" + self.provider.username.encode("utf-8") + b"\0" + self._password.encode("utf-8")
-        )
-        self._expected = [235]
-        self._okresponse = lambda code, resp: self._session_ready()
-        # One attempt only (pitfall 24): a 535 must not become a second try.
-        self._failresponse = lambda code, resp: self._session_failed(
-            "auth", f"credentials rejected ({code})"
-        )
-        self._transport.write(b"AUTH PLAIN " + token + b"\r\n")
+        line, responders = _auth_exchange(mechanism, self.provider.username, self._password)
+        self._auth_mechanism = mechanism
+        self._auth_responders = deque(responders)
+        # PLAIN carries the credentials in the command itself.
+        self._auth_credentials_sent = not responders
+        # One handler for every reply: it decides between success, the next challenge and
+        # failure, so no reply can start another mechanism or a second try (pitfall 24).
+        self._expected = _ANY_REPLY
+        self._okresponse = self._failresponse = self._auth_reply
+        self._transport.write(line + b"\r\n")
 
-    def _session_ready(self) -> None:
-        self._become_ready()
+    def _auth_reply(self, code: int, resp: bytes) -> None:
+        if code == 235:
+            self._end_auth()
+            self._session_ready()
+            return
+        if code == 334 and self._auth_responders:
+            responder = self._auth_responders.popleft()
+            try:
+                answer = responder(resp.strip())
+            except ValueError:
+                self._end_auth()
+                self._session_failed("auth", f"malformed AUTH {self._auth_mechanism} challenge")
+                return
+            self._auth_credentials_sent = True
+            self._transport.write(base64.b64encode(answer) + b"\r\n")
+            return
+        # The reply's text is left out on purpose: a server may echo what it was sent.
+        if self._auth_credentials_sent:
+            detail = f"credentials rejected ({code})"
+        else:
+            detail = f"AUTH {self._auth_mechanism} refused ({code})"
+        self._end_auth()
+        self._session_failed("auth", detail)
+
+    def _end_auth(self) -> None:
+        # The responders hold the password; nothing needs them any more.
+        self._auth_responders.clear()
+
+    def _session_ready(self, idle_from_now: bool = True) -> None:
+        self._become_ready(idle_from_now)
         if not self.ready.called:
             self.established = True
             self.ready.callback(self)
         elif self.on_ready is not None:
             self.on_ready(self)
 
-    def _become_ready(self) -> None:
+    def _become_ready(self, idle_from_now: bool = True) -> None:
         self._state = _State.READY
-        self.setTimeout(self.provider.idle_timeout)
+        if idle_from_now:
+            self._idle_since = self._clock.seconds()
         # Nothing is pending while ready: every reply from now on is unsolicited. Leaving the
         # previous step's handler in place (AUTH, EHLO, RSET) would run that step again and
         # report the client ready a second time.
         self._expected = _ANY_REPLY
         self._okresponse = self._failresponse = self._unsolicited_reply
+        self._arm_idle_timer()
+
+    def _arm_idle_timer(self) -> None:
+        """The one timer of a ready client: the next keepalive NOOP, or QUIT at the idle or
+        age limit, whichever comes first. What the tick does is decided here, not when it
+        fires: comparing clock times then could miss a deadline by a rounding error."""
+        now = self._clock.seconds()
+        idle_deadline = self._idle_since + self.provider.idle_timeout
+        connected_at = now if self.connected_at is None else self.connected_at
+        age_deadline = connected_at + self.provider.max_connection_age
+        quit_in = max(0.0, min(idle_deadline, age_deadline) - now)
+        keepalive = self.provider.keepalive
+        self._idle_tick_quits = not 0 < keepalive < quit_in
+        self.setTimeout(quit_in if self._idle_tick_quits else keepalive)
 
     def _unsolicited_reply(self, code: int, resp: bytes) -> None:
         if 400 <= code < 600:
@@ -266,6 +426,30 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
                 provider=self.provider.name,
                 reply=_reply_text(code, resp),
             )
+            # The line restarted the timer (TimeoutMixin) with the last period: back to the
+            # real deadlines.
+            self._arm_idle_timer()
+
+    def _send_noop(self) -> None:
+        # Not ready until the reply: the pool takes the client out of its idle list now
+        # (on_leaving) and back on the 2xx (on_ready), so it never hands over a message
+        # while the NOOP is in flight and its reply could be read as the reply to MAIL.
+        self._leave(_State.NOOP)
+        self.setTimeout(self.provider.command_timeout)  # no reply: timeoutConnection aborts
+        self._expected = _ANY_REPLY
+        self._okresponse = self._failresponse = self._noop_reply
+        self._transport.write(b"NOOP\r\n")
+
+    def _noop_reply(self, code: int, resp: bytes) -> None:
+        if 200 <= code < 300:
+            self._session_ready(idle_from_now=False)  # a NOOP is not use
+            return
+        _log.info(
+            "provider {provider}: keepalive NOOP refused, closing: {reply}",
+            provider=self.provider.name,
+            reply=_reply_text(code, resp),
+        )
+        self.quit()
 
     def sendError(self, exc: Exception) -> None:
         """ESMTPClient reports every failure here; classify by type (pitfall 20)."""
@@ -291,7 +475,7 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         self._leave(_State.CLOSED)
         self.setTimeout(None)
         if self._transaction is not None:
-            self._lose_transaction(f"{stage}: {detail}")
+            self._lose_transaction(f"{stage}: {detail}", failure_class_of_stage(stage))
         if not self.ready.called:
             self.ready.errback(failure)
         if self.transport is not None:
@@ -305,7 +489,10 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
 
     def timeoutConnection(self) -> None:
         if self._state is _State.READY:
-            self.quit()  # idle for idle_timeout: leave politely
+            if self._idle_tick_quits or self.too_old:
+                self.quit()  # idle or age limit reached: leave politely
+            else:
+                self._send_noop()
         else:
             super().timeoutConnection()
 
@@ -313,8 +500,9 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         super().connectionLost(reason)
         detail = reason.getErrorMessage() if isinstance(reason, Failure) else str(reason)
         self._leave(_State.CLOSED)  # first, as in _session_failed
+        self._end_auth()
         if self._transaction is not None:
-            self._lose_transaction(f"connection lost: {detail}")
+            self._lose_transaction(f"connection lost: {detail}", FailureClass.LOST)
         if not self.ready.called:
             tls_failed = isinstance(reason, Failure) and reason.check(SSL.Error) is not None
             # After STARTTLS the loss is most likely the handshake; with implicit TLS a failed
@@ -344,10 +532,16 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         """
         assert self._state is _State.READY, self._state
         if message.body_8bit and b"8BITMIME" not in self._extensions:
-            # RFC 6152: 8-bit data only to a server that said 8BITMIME. Temporary, so the
-            # router moves on to a provider that takes it.
+            # RFC 6152: 8-bit data only to a server that said 8BITMIME. A session class
+            # (this provider cannot take the message at all), so the router moves on to a
+            # provider that takes it; UNAVAILABLE, our own refusal: not held against it.
             return defer.succeed(
-                [RecipientResult(r, Kind.TEMPORARY, NO_8BITMIME) for r in message.recipients]
+                [
+                    RecipientResult(
+                        r, Kind.TEMPORARY, NO_8BITMIME, failure=FailureClass.UNAVAILABLE
+                    )
+                    for r in message.recipients
+                ]
             )
         self._state = _State.BUSY
         transaction = _Transaction(message)
@@ -388,6 +582,9 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
             self._session_failed("protocol", f"unexpected reply {_reply_text(code, resp)}")
             return
         command, recipient = transaction.expecting.popleft()
+        if code == 421:
+            self._server_closing(transaction, command, code, resp)
+            return
         if transaction.expecting and transaction.expecting[0][0] == "DATA":
             # RFC 5321 4.5.3.2.5 / Postfix's smtp_data_init_timeout: the wait for the 354.
             self.setTimeout(self.provider.data_timeout)
@@ -397,11 +594,11 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         elif command == "RCPT":
             if transaction.mail_failure is not None:
                 mail_code, mail_resp = transaction.mail_failure
-                self._result(transaction, recipient, mail_code, mail_resp)
+                self._result(transaction, recipient, mail_code, mail_resp, FailureClass.MAIL)
             elif 200 <= code < 300:
                 transaction.accepted.append(recipient)
             else:
-                self._result(transaction, recipient, code, resp)
+                self._result(transaction, recipient, code, resp, FailureClass.RCPT)
         elif command == "DATA":
             if code != 354 and not 400 <= code < 600:
                 # Only 354 opens the data phase. A 2xx here (replies shifted by one, a broken
@@ -429,16 +626,16 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
                 self._transport.write(b".\r\n")
                 return
             for r in transaction.accepted:
-                self._result(transaction, r, code, resp)
-            self._finish(transaction, reset=True)
+                self._result(transaction, r, code, resp, FailureClass.DATA)
+            self._finish(transaction, "reset")
             return
         elif command == "FINAL":
             for r in transaction.accepted:
-                self._result(transaction, r, code, resp)
-            self._finish(transaction, reset=not 200 <= code < 300)
+                self._result(transaction, r, code, resp, FailureClass.DATA)
+            self._finish(transaction, "ready" if 200 <= code < 300 else "reset")
             return
         elif command == "DISCARD":
-            self._finish(transaction, reset=True)
+            self._finish(transaction, "reset")
             return
 
         if transaction.unsent:
@@ -448,35 +645,76 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
                 # Without pipelining, stop at the first step that makes the rest pointless.
                 for _, (_, r) in transaction.unsent:
                     if r and transaction.mail_failure is not None:
-                        self._result(transaction, r, *transaction.mail_failure)
+                        mail_code, mail_resp = transaction.mail_failure
+                        self._result(transaction, r, mail_code, mail_resp, FailureClass.MAIL)
                 transaction.unsent.clear()
-                self._finish(transaction, reset=True)
+                self._finish(transaction, "reset")
             else:
                 self._send_next_command(transaction)
 
-    def _result(self, transaction: _Transaction, recipient: str, code: int, resp: bytes) -> None:
+    def _server_closing(
+        self, transaction: _Transaction, command: str, code: int, resp: bytes
+    ) -> None:
+        """A 421 in the middle of a transaction: the server is closing the session.
+
+        It is still the answer of that stage (a 4xx to MAIL, RCPT or DATA, which the router
+        handles like any other) for every recipient without an answer of its own; then QUIT
+        rather than RSET: the session cannot be reused, whatever else arrives before the
+        server closes.
+        """
+        failure = _COMMAND_CLASSES[command]
+        for r in transaction.message.recipients:
+            if r not in transaction.results:
+                self._result(transaction, r, code, resp, failure)
+        _log.info(
+            "provider {provider}: server closing the session during {command}: {reply}",
+            provider=self.provider.name,
+            command=command,
+            reply=_reply_text(code, resp),
+        )
+        self._finish(transaction, "quit")
+
+    def _result(
+        self,
+        transaction: _Transaction,
+        recipient: str,
+        code: int,
+        resp: bytes,
+        failure: FailureClass,
+    ) -> None:
+        """The outcome of a reply: ``failure`` is the stage it answered, None if delivered."""
+        kind = kind_of_reply(code)
         transaction.results[recipient] = RecipientResult(
-            recipient, kind_of_reply(code), _reply_text(code, resp)
+            recipient,
+            kind,
+            _reply_text(code, resp),
+            failure=None if kind is Kind.DELIVERED else failure,
+            code=code,
         )
 
-    def _finish(self, transaction: _Transaction, reset: bool) -> None:
+    def _finish(self, transaction: _Transaction, then: _Then) -> None:
         self._transaction = None
         self.messages_sent += 1
         results = [
             transaction.results.get(r)
-            or RecipientResult(r, Kind.TEMPORARY, "no reply for this recipient")
+            # Cannot happen with a well-behaved server: every path above answers each one.
+            or RecipientResult(
+                r, Kind.TEMPORARY, "no reply for this recipient", failure=FailureClass.PROTOCOL
+            )
             for r in transaction.message.recipients
         ]
-        if reset:
+        if then == "reset":
             # A failed transaction leaves the server's state unknown: RSET before reuse.
             self._expected = _ANY_REPLY
             self._okresponse = self._failresponse = self._after_reset
             self.setTimeout(self.provider.command_timeout)
             self._transport.write(b"RSET\r\n")
+        elif then == "quit":
+            self.quit()  # before the results: whoever hears them sees a client going away
         else:
             self._become_ready()
         transaction.deferred.callback(results)
-        if not reset and self._state is _State.READY and self.on_ready is not None:
+        if then == "ready" and self._state is _State.READY and self.on_ready is not None:
             self.on_ready(self)
 
     def _after_reset(self, code: int, resp: bytes) -> None:
@@ -485,7 +723,9 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         else:
             self.quit()
 
-    def _lose_transaction(self, detail: str) -> None:
+    def _lose_transaction(self, detail: str, failure: FailureClass) -> None:
+        """End the transaction without (all) its replies: ``failure`` says why (the session
+        failure's class, LOST for a lost connection) for every recipient not yet answered."""
         transaction, self._transaction = self._transaction, None
         if transaction is None:
             return
@@ -493,7 +733,11 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         results = [
             transaction.results.get(r)
             or RecipientResult(
-                r, Kind.TEMPORARY, detail, uncertain=uncertain and r in transaction.accepted
+                r,
+                Kind.TEMPORARY,
+                detail,
+                uncertain=uncertain and r in transaction.accepted,
+                failure=failure,
             )
             for r in transaction.message.recipients
         ]

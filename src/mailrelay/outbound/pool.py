@@ -14,6 +14,18 @@ Bookkeeping: ``_clients`` holds every connected client until its connection is g
 up, idle, busy, quitting, aborting), ``_connecting`` counts attempts without a connection yet;
 their sum never exceeds ``connections``. ``_idle`` holds the ready clients, each once.
 
+Shaping, all without a timer per message: messages that may not start yet (rate limits,
+a throttling pause) wait in the FIFO, and one wake-up timer per provider resumes dispatching
+when the head of the line may go (limits.py). A message with more recipients than
+``batch_size`` is sent as several transactions, ``batch_delay`` apart, with one merged result.
+
+Circuit breaker (breaker.py): connection setups that fail and sessions that break count
+against the provider; after ``breaker_threshold`` in a row it opens, and every message is
+answered at once as unavailable (the router moves on, nobody waits for a connect timeout).
+When the cooldown ends, one probe connection is opened: if its session comes up the breaker
+closes and the probe's connection serves the waiting traffic; if not, it opens again for
+twice as long. A completed transaction closes it too.
+
 close() is graceful: idle connections QUIT, busy ones finish the message they carry (a message
 whose final dot was sent is not turned into a possible duplicate), then QUIT; after
 SHUTDOWN_GRACE seconds whatever is still open is aborted.
@@ -21,21 +33,32 @@ SHUTDOWN_GRACE seconds whatever is still open is aborted.
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
+import attrs
+from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.internet.ssl import (
+    Certificate,
+    PrivateCertificate,
+    optionsForClientTLS,
+    platformTrust,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.config import ProviderConfig
 from mailrelay.metrics import Metrics
-from mailrelay.outbound.client import RelayClient, SessionError
+from mailrelay.outbound.breaker import BreakerState, CircuitBreaker
+from mailrelay.outbound.client import RelayClient, SessionError, failure_class_of_stage
+from mailrelay.outbound.limits import ProviderLimits, is_throttling_reply
 from mailrelay.outbound.results import (
+    FailureClass,
     IProvider,
     Kind,
     OutboundMessage,
@@ -49,16 +72,33 @@ from mailrelay.outbound.results import (
 SHUTDOWN_GRACE = 20.0
 
 
+_BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
 def client_tls_options(provider: ProviderConfig) -> Any | None:
-    """Verified TLS (chain and name, via service_identity), or None for tls = "none"."""
+    """Verified TLS (chain and name, via service_identity; SNI with the same name), with the
+    client certificate if one is configured; None for tls = "none"."""
     if provider.tls == "none":
         return None
     if provider.ca_file is not None:
-        with open(provider.ca_file, "rb") as f:
-            trust: Any = Certificate.loadPEM(f.read())
+        trust: Any = Certificate.loadPEM(Path(provider.ca_file).read_bytes())
     else:
         trust = platformTrust()
-    return optionsForClientTLS(provider.host, trustRoot=trust)
+    client_certificate = None
+    if provider.client_cert is not None:
+        pem = Path(provider.client_cert).read_bytes()
+        if provider.client_key is not None:
+            pem += b"\n" + Path(provider.client_key).read_bytes()
+        client_certificate = PrivateCertificate.loadPEM(pem)
+    return optionsForClientTLS(
+        provider.tls_name or provider.host,
+        trustRoot=trust,
+        clientCertificate=client_certificate,
+    )
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
 @implementer(IProvider)
@@ -86,6 +126,26 @@ class SMTPProvider:
         self._closing = False
         self._close_waiters: list[defer.Deferred[None]] = []
         self._grace_call: IDelayedCall | None = None
+        self.limits = ProviderLimits(
+            rate=config.rate,
+            recipient_rate=config.recipient_rate,
+            daily_quota=config.daily_quota,
+            connections=config.connections,
+        )
+        # The one timer that resumes dispatching when the limits let the next message go.
+        self._wake_call: IDelayedCall | None = None
+        self.breaker = CircuitBreaker(
+            reactor,
+            threshold=config.breaker_threshold,
+            cooldown=config.breaker_cooldown,
+            max_cooldown=config.breaker_max_cooldown,
+            on_probe=self._probe,
+            on_change=self._breaker_changed,
+        )
+        # The half-open probe's client, from its connection attempt until its session is up.
+        self._probe_client: RelayClient | None = None
+        metrics.upstream_breaker_state.labels(self.name).set(0)
+        metrics.upstream_open_connections.labels(self.name).set_function(lambda: len(self._clients))
 
     @property
     def open_connections(self) -> int:
@@ -100,8 +160,55 @@ class SMTPProvider:
         return bool(self._attempts) or any(c.may_serve for c in self._clients)
 
     def deliver(self, message: OutboundMessage) -> defer.Deferred[list[RecipientResult]]:
+        size = self.config.batch_size
+        if not size or len(message.recipients) <= size:
+            return self._enqueue(message)
+        return defer.Deferred.fromCoroutine(self._deliver_in_batches(message, size))
+
+    async def _deliver_in_batches(
+        self, message: OutboundMessage, size: int
+    ) -> list[RecipientResult]:
+        """One transaction per ``size`` recipients, ``batch_delay`` apart, results merged in
+        the message's recipient order."""
+        recipients = message.recipients
+        results: list[RecipientResult] = []
+        for start in range(0, len(recipients), size):
+            if start and self.config.batch_delay:
+                await task.deferLater(self._reactor, self.config.batch_delay)
+            batch = attrs.evolve(message, recipients=recipients[start : start + size])
+            part = await self._enqueue(batch)
+            results += part
+            if part and all(r.failure is not None and r.failure.is_session for r in part):
+                # The provider took nothing (down, breaker open, shutting down): the other
+                # batches would fare the same, so they go on to the next provider now.
+                rest = recipients[start + size :]
+                results += [attrs.evolve(part[0], recipient=r) for r in rest]
+                break
+        return results
+
+    def _refusal(self) -> tuple[str, FailureClass] | None:
+        """Why no message may be queued here now, or None."""
         if self._closing:
-            return defer.succeed(all_results(message, Kind.TEMPORARY, "relay shutting down"))
+            return "relay shutting down", FailureClass.UNAVAILABLE
+        now = self._reactor.seconds()
+        if not self.breaker.allows_traffic():
+            reason = f"provider {self.name} unavailable: circuit breaker {self.breaker.state.value}"
+            if self.breaker.open_until is not None:
+                reason += f", next probe at {_utc(self.breaker.open_until)}"
+            return reason, FailureClass.UNAVAILABLE
+        if self.limits.quota_exhausted(now):
+            return (
+                f"provider {self.name}: daily quota of {self.config.daily_quota} transactions"
+                f" used, resets at {_utc(self.limits.quota.resets_at(now))}",
+                FailureClass.UNAVAILABLE,
+            )
+        return None
+
+    def _enqueue(self, message: OutboundMessage) -> defer.Deferred[list[RecipientResult]]:
+        refusal = self._refusal()
+        if refusal is not None:
+            reply, failure = refusal
+            return defer.succeed(all_results(message, Kind.TEMPORARY, reply, failure=failure))
         d: defer.Deferred[list[RecipientResult]] = defer.Deferred()
         self._waiting.append((message, d))
         self._dispatch()
@@ -111,19 +218,36 @@ class SMTPProvider:
         # Every condition is re-read on each turn: a callback run from here (a result handed
         # to the router, a failed attempt failing the waiting messages) may re-enter.
         while self._waiting and self._idle:
+            now = self._reactor.seconds()
+            message, d = self._waiting[0]
+            if self.limits.quota_exhausted(now):
+                self._fail_waiting(*self._refusal() or ("quota", FailureClass.UNAVAILABLE))
+                return
+            wait = self.limits.delay(now, len(message.recipients))
+            if wait > 0:
+                self._wake_in(wait)
+                break
             client = self._idle.pop()
             if not client.is_ready:  # cannot happen (on_leaving removes it); never send on it
                 continue
-            message, d = self._waiting.popleft()
+            if client.too_old:
+                client.quit()  # idle past max_connection_age: replaced on demand
+                continue
+            self._waiting.popleft()
             result = client.send(message)
             if client.is_ready:
                 # Refused without a transaction (8-bit body, no 8BITMIME): still idle.
                 self._idle.append(client)
+            else:
+                self.limits.take(now, len(message.recipients))
+                result.addCallback(self._transaction_done, now)
             result.chainDeferred(d)
         while (
             not self._closing
+            and self.breaker.allows_traffic()
             and len(self._waiting) > self._connecting + self._setting_up()
-            and len(self._clients) + self._connecting < self.config.connections
+            and len(self._clients) + self._connecting
+            < self.limits.connection_limit(self._reactor.seconds())
         ):
             if not self._connect():
                 # Failed before connecting (no password, ...): once per dispatch is enough;
@@ -131,11 +255,84 @@ class SMTPProvider:
                 # connection keeps the messages waiting.
                 break
 
+    def _wake_in(self, delay: float) -> None:
+        """Dispatch again in ``delay`` seconds: one timer per provider, the earliest wins."""
+        due = self._reactor.seconds() + delay
+        if self._wake_call is not None and self._wake_call.active():
+            if self._wake_call.getTime() <= due:
+                return
+            self._wake_call.cancel()
+        self._wake_call = self._reactor.callLater(delay, self._wake)
+
+    def _wake(self) -> None:
+        self._wake_call = None
+        self._dispatch()
+
+    def _transaction_done(
+        self, results: list[RecipientResult], started: float
+    ) -> list[RecipientResult]:
+        """What a finished transaction tells the breaker and the limits."""
+        now = self._reactor.seconds()
+        self._metrics.upstream_transaction_seconds.labels(self.name).observe(now - started)
+        failures = {r.failure for r in results if r.failure is not None}
+        throttled = any(
+            r.kind is Kind.TEMPORARY and r.code is not None and is_throttling_reply(r.code, r.reply)
+            for r in results
+        )
+        if throttled:
+            self.limits.throttled(now)
+            self._metrics.upstream_throttled.labels(self.name).inc()
+            self.log.warn(
+                "provider {provider} is throttling us: slowing down to {factor:.0%} of the"
+                " configured pace",
+                provider=self.name,
+                factor=self.limits.throttle.factor(now),
+            )
+        elif any(f.counts_against_provider for f in failures):
+            if self.breaker.state is BreakerState.CLOSED:
+                self.breaker.record_failure()
+        elif any(r.code is not None for r in results):
+            self.breaker.record_success()  # the upstream answered the transaction
+        return results
+
+    def _fail_waiting(self, reply: str, failure: FailureClass) -> None:
+        waiting, self._waiting = self._waiting, deque()
+        for message, d in waiting:
+            d.callback(all_results(message, Kind.TEMPORARY, reply, failure=failure))
+
+    def _probe(self) -> None:
+        """The breaker's cooldown is over: one connection tests the provider."""
+        if self._closing:
+            return
+        self.log.info("provider {provider}: probing with one connection", provider=self.name)
+        self._connect(probe=True)
+
+    def _breaker_changed(self, old: BreakerState, new: BreakerState) -> None:
+        self._metrics.upstream_breaker_state.labels(self.name).set(_BREAKER_GAUGE[new])
+        if new is BreakerState.OPEN:
+            self.log.warn(
+                "provider {provider}: circuit breaker open after {failures} failure(s);"
+                " messages go to the next provider until a probe at {until}",
+                provider=self.name,
+                failures=self.breaker.consecutive_failures,
+                until=_utc(self.breaker.open_until or self._reactor.seconds()),
+            )
+            # Nothing waits for a provider that is down: the router moves them on now.
+            reply, failure = self._refusal() or ("breaker open", FailureClass.UNAVAILABLE)
+            self._fail_waiting(reply, failure)
+        elif new is BreakerState.CLOSED:
+            self.log.info(
+                "provider {provider}: circuit breaker closed, traffic resumes",
+                provider=self.name,
+            )
+
     def _setting_up(self) -> int:
         return sum(1 for c in self._clients if c.in_setup)
 
-    def _connect(self) -> bool:
-        """Start one connection attempt; False if it failed at once (already handled)."""
+    def _connect(self, probe: bool = False) -> bool:
+        """Start one connection attempt; False if it failed at once (already handled).
+
+        ``probe``: the breaker's half-open test; its outcome alone decides the breaker."""
         attempt: defer.Deferred[Any] | None = None
         try:
             # Read at the moment it is needed; before the connection, so a missing secret
@@ -158,21 +355,23 @@ class SMTPProvider:
         except Exception:
             # Whatever went wrong, it is this attempt's failure: the counters stay right and
             # the waiting messages are answered like after any failed connection.
-            self._setup_failed(Failure())
+            self._setup_failed(Failure(), probe)
             return False
         self._attempts.add(attempt)
+        if probe:
+            self._probe_client = client
 
         def connected(_: object) -> None:
             self._attempts.discard(attempt)
             self._clients.add(client)
             # A connection that opened but whose session fails reports through client.ready.
-            client.ready.addCallbacks(self._connected, self._setup_failed)
+            client.ready.addCallbacks(self._connected, self._setup_failed, errbackArgs=(probe,))
 
         def not_connected(failure: Failure) -> None:
             if attempt not in self._attempts:
                 return  # cancelled by close() or the grace timer: not a provider failure
             self._attempts.discard(attempt)
-            self._setup_failed(failure)
+            self._setup_failed(failure, probe)
 
         attempt.addCallbacks(connected, not_connected)
         attempt.addErrback(self._bug)
@@ -207,9 +406,12 @@ class SMTPProvider:
 
     def _connected(self, client: RelayClient) -> None:
         self._metrics.upstream_connections.labels(self.name, "ok").inc()
+        if client is self._probe_client:
+            self._probe_client = None
+            self.breaker.record_success()  # the probe's session is up: traffic may return
         self._client_ready(client)
 
-    def _setup_failed(self, failure: Failure) -> None:
+    def _setup_failed(self, failure: Failure, probe: bool = False) -> None:
         error = failure.value
         if self._closing and isinstance(error, SessionError) and error.stage == "shutdown":
             return  # aborted by our own grace timer: not the provider's failure
@@ -222,11 +424,19 @@ class SMTPProvider:
             stage=stage,
             detail=detail,
         )
+        if probe:
+            self._probe_client = None
+        failure_class = failure_class_of_stage(stage)
         if not self._may_serve():
-            waiting, self._waiting = self._waiting, deque()
-            reply = f"provider {self.name} unavailable ({stage}: {detail})"
-            for message, d in waiting:
-                d.callback(all_results(message, Kind.TEMPORARY, reply))
+            self._fail_waiting(
+                f"provider {self.name} unavailable ({stage}: {detail})", failure_class
+            )
+        if failure_class.counts_against_provider and (
+            probe or self.breaker.state is BreakerState.CLOSED
+        ):
+            # May open it, which answers whatever still waits. While half-open only the
+            # probe speaks for the provider: a late failure of an older attempt does not.
+            self.breaker.record_failure()
         self._maybe_closed()
 
     def _bug(self, failure: Failure) -> None:
@@ -235,7 +445,12 @@ class SMTPProvider:
     def _client_ready(self, client: RelayClient) -> None:
         if client in self._idle:
             return  # already idle: a second report must not hand it two messages
-        if self._closing or client.messages_sent >= self.config.max_messages_per_connection:
+        if (
+            self._closing
+            or client.messages_sent >= self.config.max_messages_per_connection
+            or client.too_old
+            or len(self._clients) > self.limits.connection_limit(self._reactor.seconds())
+        ):
             client.quit()  # still counted in _clients until it is gone
         else:
             self._idle.append(client)
@@ -273,9 +488,11 @@ class SMTPProvider:
                 self._maybe_closed()
             return d
         self._closing = True
-        waiting, self._waiting = self._waiting, deque()
-        for message, waiting_d in waiting:
-            waiting_d.callback(all_results(message, Kind.TEMPORARY, "relay shutting down"))
+        self.breaker.stop()
+        if self._wake_call is not None and self._wake_call.active():
+            self._wake_call.cancel()
+        self._wake_call = None
+        self._fail_waiting("relay shutting down", FailureClass.UNAVAILABLE)
         self._cancel_attempts()  # nothing to finish on a connection not yet open
         for client in list(self._idle):
             client.quit()
