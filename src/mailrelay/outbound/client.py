@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import base64
 import enum
-import hashlib
-import hmac
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal, Protocol, cast
@@ -51,6 +49,7 @@ from twisted.python.failure import Failure
 from mailrelay.clock import InjectedClockTimeouts
 from mailrelay.config import ProviderConfig
 from mailrelay.netaddr import is_loopback_host
+from mailrelay.outbound.auth import AUTH_MECHANISMS, Responder, auth_exchange
 from mailrelay.outbound.payload import build_data_payload
 from mailrelay.outbound.results import (
     FailureClass,
@@ -121,35 +120,6 @@ _COMMAND_CLASSES = {
 # After a transaction: ready at once, RSET first, or QUIT (the server said 421).
 _Then = Literal["ready", "reset", "quit"]
 
-_AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
-
-# Answers one 334 challenge (as sent: base64) with the bytes to send, before base64.
-_Responder = Callable[[bytes], bytes]
-
-
-def _auth_exchange(mechanism: str, username: str, password: str) -> tuple[bytes, list[_Responder]]:
-    """The AUTH command line for ``mechanism`` and its answers to the server's challenges, in
-    order. PLAIN sends everything in the command (RFC 4616), LOGIN answers two challenges
-    with the username and the password, CRAM-MD5 (RFC 2195) answers the one challenge with
-    "user hex(HMAC-MD5(password, challenge))"."""
-    user = username.encode("utf-8")
-    secret = password.encode("utf-8")
-    if mechanism == "PLAIN":
-        return b"AUTH PLAIN " + base64.b64encode(b"\0" + user + b"\0" + secret), []
-    if mechanism == "LOGIN":
-        # The challenges say "Username:" and "Password:"; servers differ in the wording and
-        # never in the order, so their text is not checked.
-        return b"AUTH LOGIN", [lambda _: user, lambda _: secret]
-    if mechanism == "CRAM-MD5":
-
-        def digest(challenge: bytes) -> bytes:
-            # binascii.Error (a ValueError) on a malformed challenge: the caller gives up.
-            nonce = base64.b64decode(challenge, validate=True)
-            return user + b" " + hmac.new(secret, nonce, hashlib.md5).hexdigest().encode()
-
-        return b"AUTH CRAM-MD5", [digest]
-    raise ValueError(f"unsupported AUTH mechanism {mechanism}")
-
 
 def _reply_text(code: int, resp: bytes | str) -> str:
     if isinstance(resp, bytes):
@@ -218,7 +188,7 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         # The AUTH exchange in progress: the mechanism, the answers to its challenges still
         # to send, whether the credentials went out already (for the error text only).
         self._auth_mechanism = ""
-        self._auth_responders: deque[_Responder] = deque()
+        self._auth_responders: deque[Responder] = deque()
         self._auth_credentials_sent = False
         # Fires with this client once the session is set up, or fails with SessionError.
         self.ready: defer.Deferred[RelayClient] = defer.Deferred()
@@ -325,7 +295,7 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         # accepts only those _auth_exchange knows; the check keeps a hand-built config from
         # raising in the middle of the session).
         mechanism = next(
-            (m for m in configured if m in _AUTH_MECHANISMS and m.encode("ascii") in offered),
+            (m for m in configured if m in AUTH_MECHANISMS and m.encode("ascii") in offered),
             None,
         )
         if mechanism is None:
@@ -339,7 +309,7 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
             # toward the provider's lockout.
             self._session_failed("auth", "no password available")
             return
-        line, responders = _auth_exchange(mechanism, self.provider.username, self._password)
+        line, responders = auth_exchange(mechanism, self.provider.username, self._password)
         self._auth_mechanism = mechanism
         self._auth_responders = deque(responders)
         # PLAIN carries the credentials in the command itself.
