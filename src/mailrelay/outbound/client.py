@@ -542,6 +542,9 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
     def _send_next_command(self, transaction: _Transaction) -> None:
         line, what = transaction.unsent.popleft()
         transaction.expecting.append(what)
+        if what[0] == "DATA":
+            # As in the pipelined case: the wait for the 354 is the DATA stage's.
+            self.setTimeout(self.provider.data_timeout)
         self._transport.write(line + b"\r\n")
 
     def _transaction_reply(self, code: int, resp: bytes) -> None:
