@@ -450,3 +450,18 @@ def test_throttling_text_without_a_code(text: str, expected: bool) -> None:
 def test_the_code_decides_over_the_text() -> None:
     assert not is_throttling_reply(550, "421 throttled")
     assert is_throttling_reply(421, "")
+
+
+def test_a_late_wake_up_is_counted_from_its_slot_so_the_pace_holds() -> None:
+    gcra = Gcra(10.0)
+    gcra.take(0.0)
+    # The timer fired 5 ms after the 0.1 s slot: the next slot is still 0.2, not 0.205.
+    gcra.take(0.105)
+    assert gcra.wait(0.105) == pytest.approx(0.095)
+
+
+def test_an_idle_spell_longer_than_one_unit_is_not_saved_up_as_a_burst() -> None:
+    gcra = Gcra(10.0)
+    gcra.take(0.0)
+    gcra.take(5.0)  # long idle: counted from now
+    assert gcra.wait(5.0) == pytest.approx(0.1)

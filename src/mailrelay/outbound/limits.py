@@ -56,7 +56,13 @@ class Gcra:
         ``wait`` first); later waits are pushed out by the whole cost."""
         if self._rate == 0 or cost <= 0:
             return
-        self._tat = max(self._tat, now) + cost / self._rate
+        # A caller woken a little late (the reactor's timer fired after the slot) is counted
+        # from its slot, not from the late moment: otherwise every wake-up's lateness is lost
+        # and 200/s comes out as 170/s. Only lateness under one unit is made up, so an idle
+        # spell never turns into a burst.
+        late_within_one_unit = now - self._tat < 1.0 / self._rate
+        start = self._tat if late_within_one_unit else now
+        self._tat = max(start, self._tat) + cost / self._rate
 
     def set_rate(self, rate: float, now: float) -> None:
         """Change the rate at ``now``, keeping the units already owed: a debt of 3 units is
@@ -206,8 +212,8 @@ class ProviderLimits:
     Both rates use a burst of 1: strict spacing, so "50 messages/s" means at most 50 (+1 at the
     window's edge) in every second, not 50 on average with a burst of 50 at once. Providers
     (SES's "maximum send rate") count per second, and a burst after an idle minute is exactly
-    what gets us throttled. The cost is that a late wake-up's lateness is lost rather than
-    caught up; with a reactor's millisecond timers that is small.
+    what gets us throttled. A wake-up that comes a little late is counted from its slot
+    (Gcra.take), so timer lateness does not slow the pace down.
     """
 
     def __init__(
