@@ -13,21 +13,20 @@ import datetime
 import smtplib
 import socket
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 
 from tests.support import smtpsink
-from tests.support.certs import LOOPBACK_NAMES, WRONG_NAME, session_pki
+from tests.support.certs import LOOPBACK_NAMES, WRONG_NAME, ServerKind, session_pki
 from tests.support.faultproxy import FaultProxy
 from tests.support.net import port_accepts, wait_until
 from tests.support.smtpsink import SmtpSink
-from tests.support.upstream import REPO_ROOT, UpstreamProcess
+from tests.support.upstream import UpstreamProcess, run_script
 
 pytestmark = pytest.mark.integration
 
@@ -56,6 +55,17 @@ def _read_reply(sock: socket.socket) -> bytes:
             return data
 
 
+def _send_up_to_the_final_dot(sock: socket.socket) -> None:
+    """After the greeting, pipeline EHLO, MAIL, RCPT and DATA; once the 354 has arrived, send
+    BODY and the final dot (the reply to it is left to the caller)."""
+    _read_reply(sock)
+    sock.sendall(b"EHLO c\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+    data = b""
+    while b"354" not in data:
+        data += sock.recv(65536)
+    sock.sendall(BODY + b".\r\n")
+
+
 def _silent(sock: socket.socket) -> bool:
     """True if nothing (not even EOF) arrives on sock within SILENCE seconds."""
     sock.settimeout(SILENCE)
@@ -75,6 +85,13 @@ def _tls_context(ca_file: Path | None = None) -> ssl.SSLContext:
 def upstream(tmp_path: Path) -> Iterator[UpstreamProcess]:
     with UpstreamProcess(tmp_path / "upstream") as proc:
         yield proc
+
+
+def _tls_upstream(tmp_path: Path, kind: ServerKind = "valid", **options: Any) -> UpstreamProcess:
+    """An upstream (not started) offering STARTTLS with a server certificate of the session
+    PKI."""
+    cert = session_pki().server(kind)
+    return UpstreamProcess(tmp_path / "up", tls_cert=cert.chain, tls_key=cert.key, **options)
 
 
 # -- certs -------------------------------------------------------------------------------------
@@ -119,12 +136,10 @@ def test_pki_certificates_have_the_promised_names_issuers_and_dates() -> None:
         ("expired", "expired"),
     ],
 )
-def test_server_certificates_verify_as_named(tmp_path: Path, kind: str, error: str | None) -> None:
-    cert = session_pki().server(kind)  # type: ignore[arg-type]
-    with (
-        UpstreamProcess(tmp_path / "up", tls_cert=cert.chain, tls_key=cert.key) as up,
-        _client(up.port) as client,
-    ):
+def test_server_certificates_verify_as_named(
+    tmp_path: Path, kind: ServerKind, error: str | None
+) -> None:
+    with _tls_upstream(tmp_path, kind) as up, _client(up.port) as client:
         client.ehlo()
         if error is None:
             client.starttls(context=_tls_context())
@@ -137,10 +152,7 @@ def test_server_certificates_verify_as_named(tmp_path: Path, kind: str, error: s
 
 def test_client_certificate_is_required_and_accepted(tmp_path: Path) -> None:
     pki = session_pki()
-    cert = pki.server("valid")
-    with UpstreamProcess(
-        tmp_path / "up", tls_cert=cert.chain, tls_key=cert.key, tls_client_ca=pki.ca_file
-    ) as up:
+    with _tls_upstream(tmp_path, tls_client_ca=pki.ca_file) as up:
         with _client(up.port) as client:
             client.ehlo()
             with pytest.raises((ssl.SSLError, smtplib.SMTPServerDisconnected, OSError)):
@@ -276,9 +288,8 @@ def test_proxy_stall_after_final_dot_hides_the_reply(upstream: UpstreamProcess) 
 
 
 def test_proxy_injects_bytes_after_starttls_ready(tmp_path: Path) -> None:
-    cert = session_pki().server("valid")
     with (
-        UpstreamProcess(tmp_path / "up", tls_cert=cert.chain, tls_key=cert.key) as up,
+        _tls_upstream(tmp_path) as up,
         FaultProxy(up.port, mode="inject_after_starttls") as proxy,
         _raw(proxy.port) as s,
     ):
@@ -295,9 +306,8 @@ def test_proxy_injects_bytes_after_starttls_ready(tmp_path: Path) -> None:
 
 
 def test_proxy_strips_starttls_from_ehlo(tmp_path: Path) -> None:
-    cert = session_pki().server("valid")
     with (
-        UpstreamProcess(tmp_path / "up", tls_cert=cert.chain, tls_key=cert.key) as up,
+        _tls_upstream(tmp_path) as up,
         FaultProxy(up.port, mode="strip_starttls") as proxy,
     ):
         with _client(up.port) as direct:
@@ -493,37 +503,20 @@ def test_upstream_hang_at_greeting(tmp_path: Path) -> None:
 
 def test_upstream_hang_at_data_sends_354_then_nothing(tmp_path: Path) -> None:
     with UpstreamProcess(tmp_path / "up", hang_at="data") as up, _raw(up.port) as s:
-        _read_reply(s)
-        s.sendall(b"EHLO c\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
-        data = b""
-        while b"354" not in data:
-            data += s.recv(65536)
-        s.sendall(BODY + b".\r\n")
+        _send_up_to_the_final_dot(s)
         assert _silent(s)
         assert up.message_count() == 0
 
 
 def test_upstream_hang_at_final_stores_but_never_answers(tmp_path: Path) -> None:
     with UpstreamProcess(tmp_path / "up", hang_at="final") as up, _raw(up.port) as s:
-        _read_reply(s)
-        s.sendall(b"EHLO c\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
-        data = b""
-        while b"354" not in data:
-            data += s.recv(65536)
-        s.sendall(BODY + b".\r\n")
+        _send_up_to_the_final_dot(s)
         up.wait_for_messages(1)
         assert _silent(s)
 
 
 def test_upstream_reject_auth_records_each_attempt(tmp_path: Path) -> None:
-    cert = session_pki().server("valid")
-    with UpstreamProcess(
-        tmp_path / "up",
-        tls_cert=cert.chain,
-        tls_key=cert.key,
-        auth=("relay", "right"),
-        reject_auth=True,
-    ) as up:
+    with _tls_upstream(tmp_path, auth=("relay", "right"), reject_auth=True) as up:
         with _client(up.port) as client:
             client.ehlo()
             client.starttls(context=_tls_context())
@@ -540,14 +533,7 @@ def test_upstream_reject_auth_records_each_attempt(tmp_path: Path) -> None:
 
 
 def test_upstream_auth_in_clear_is_offered_and_recorded_as_clear(tmp_path: Path) -> None:
-    cert = session_pki().server("valid")
-    with UpstreamProcess(
-        tmp_path / "up",
-        tls_cert=cert.chain,
-        tls_key=cert.key,
-        auth=("relay", "secret"),
-        auth_in_clear=True,
-    ) as up:
+    with _tls_upstream(tmp_path, auth=("relay", "secret"), auth_in_clear=True) as up:
         with _client(up.port) as client:
             client.ehlo()
             assert client.has_extn("starttls") and client.has_extn("auth")
@@ -557,20 +543,10 @@ def test_upstream_auth_in_clear_is_offered_and_recorded_as_clear(tmp_path: Path)
 
 
 def test_upstream_cli_documents_and_checks_the_fault_options() -> None:
-    result = subprocess.run(
-        [sys.executable, "tests/support/upstream.py", "--help"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        timeout=30,
-    )
+    result = run_script("--help")
     assert result.returncode == 0, result.stderr.decode()
     for option in (b"--greeting", b"--reply", b"--hang-at", b"--reject-auth", b"--auth-in-clear"):
         assert option in result.stdout
     for bad in (["--reply", "HELO=250 ok"], ["--reply", "MAIL=oops"], ["--greeting", "220 hi"]):
-        result = subprocess.run(
-            [sys.executable, "tests/support/upstream.py", "--out", "/nonexistent", *bad],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            timeout=30,
-        )
+        result = run_script("--out", "/nonexistent", *bad)
         assert result.returncode == 2, bad

@@ -23,15 +23,6 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 from twisted.internet import reactor
-from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import (
-    IHostnameResolver,
-    IHostResolution,
-    IReactorPluggableNameResolver,
-    IReactorTCP,
-    IReactorTime,
-    IResolutionReceiver,
-)
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
@@ -43,6 +34,7 @@ from mailrelay.outbound.results import IProvider, Kind, OutboundMessage, Recipie
 from mailrelay.outbound.router import RoutedResult, Router
 from tests.support.certs import ServerKind, session_pki
 from tests.support.faultproxy import FaultProxy
+from tests.support.loopback_reactor import LoopbackReactor
 from tests.support.net import free_port
 from tests.support.smtpsink import SmtpSink
 from tests.support.upstream import UpstreamProcess
@@ -117,47 +109,6 @@ class Recording:
     def result_for(self, recipient: str) -> RecipientResult:
         (result,) = [r for r in self.results if r.recipient == recipient]
         return result
-
-
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cancel(self) -> None:
-        pass
-
-
-@implementer(IHostnameResolver)
-class _LoopbackResolver:
-    def resolveHostName(
-        self,
-        resolutionReceiver: IResolutionReceiver,
-        hostName: str,
-        portNumber: int = 0,
-        addressTypes: Sequence[type] | None = None,
-        transportSemantics: str = "TCP",
-    ) -> IHostResolution:
-        resolution = _Resolution(hostName)
-        resolutionReceiver.resolutionBegan(resolution)
-        resolutionReceiver.addressResolved(IPv4Address("TCP", "127.0.0.1", portNumber))
-        resolutionReceiver.resolutionComplete()
-        return resolution
-
-
-@implementer(IReactorTCP, IReactorTime, IReactorPluggableNameResolver)
-class _LoopbackReactor:
-    """The real reactor, resolving every host name to 127.0.0.1."""
-
-    def __init__(self, real: Any) -> None:
-        self._real = real
-        self.nameResolver = _LoopbackResolver()
-
-    def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
-        raise NotImplementedError("fixed for the test")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
 
 
 class FaultTestCase(TestCase):
@@ -670,7 +621,7 @@ class TLSFailures(FaultTestCase):
             tls="none",
             insecure=True,
             host=REMOTE_NAME,
-            via=_LoopbackReactor(reactor),
+            via=LoopbackReactor(reactor),
         )
         await self.fail_over(primary)
         self.assert_nothing_in_clear(upstream)

@@ -6,29 +6,19 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 from twisted.internet import reactor
-from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import (
-    IHostnameResolver,
-    IHostResolution,
-    IReactorPluggableNameResolver,
-    IReactorTCP,
-    IReactorTime,
-    IResolutionReceiver,
-)
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
 
 from mailrelay.config import ProviderConfig
 from mailrelay.metrics import Metrics
 from mailrelay.outbound.pool import SMTPProvider
 from mailrelay.outbound.results import Kind, OutboundMessage
+from tests.support.loopback_reactor import LoopbackReactor
 from tests.support.upstream import UpstreamProcess
 
 pytestmark = pytest.mark.integration
@@ -39,51 +29,8 @@ MESSAGE = OutboundMessage(
     "Q1", "app@example.com", ("user@example.com",), b"Subject: tls\r\n\r\nhi\r\n"
 )
 # Not a loopback name, so the client's "AUTH in clear to loopback is fine" exemption does not
-# apply; resolved to 127.0.0.1 by _LoopbackReactor below.
+# apply; resolved to 127.0.0.1 by LoopbackReactor.
 REMOTE_NAME = "smtp.example.test"
-
-
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cancel(self) -> None:
-        pass
-
-
-@implementer(IHostnameResolver)
-class _LoopbackResolver:
-    """Every name resolves to 127.0.0.1: talk to the local upstream under a remote name."""
-
-    def resolveHostName(
-        self,
-        resolutionReceiver: IResolutionReceiver,
-        hostName: str,
-        portNumber: int = 0,
-        addressTypes: Sequence[type] | None = None,
-        transportSemantics: str = "TCP",
-    ) -> IHostResolution:
-        resolution = _Resolution(hostName)
-        resolutionReceiver.resolutionBegan(resolution)
-        resolutionReceiver.addressResolved(IPv4Address("TCP", "127.0.0.1", portNumber))
-        resolutionReceiver.resolutionComplete()
-        return resolution
-
-
-@implementer(IReactorTCP, IReactorTime, IReactorPluggableNameResolver)
-class _LoopbackReactor:
-    """The real reactor with a name resolver that sends every host name to loopback."""
-
-    def __init__(self, real: Any) -> None:
-        self._real = real
-        self.nameResolver = _LoopbackResolver()
-
-    def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
-        raise NotImplementedError("fixed for the test")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
 
 
 def tls_provider(
@@ -214,7 +161,7 @@ class ImplicitTLSUpstream(_WithTestCA):
         """Without the loopback exemption: AUTH goes out only because the session is TLS."""
         upstream = self.upstream(REMOTE_NAME)
         provider = self.provider(
-            REMOTE_NAME, upstream.port, self.ca_file, via=_LoopbackReactor(reactor)
+            REMOTE_NAME, upstream.port, self.ca_file, via=LoopbackReactor(reactor)
         )
         (result,) = await provider.deliver(MESSAGE)
         assert result.kind is Kind.DELIVERED, result.reply
@@ -225,9 +172,7 @@ class ImplicitTLSUpstream(_WithTestCA):
         upstream = self.upstream(REMOTE_NAME)
         other_ca = self.tmp / "other-ca.pem"
         trustme.CA().cert_pem.write_to_path(str(other_ca))
-        provider = self.provider(
-            REMOTE_NAME, upstream.port, other_ca, via=_LoopbackReactor(reactor)
-        )
+        provider = self.provider(REMOTE_NAME, upstream.port, other_ca, via=LoopbackReactor(reactor))
         (result,) = await provider.deliver(MESSAGE)
         assert result.kind is Kind.TEMPORARY
         assert "tls" in result.reply

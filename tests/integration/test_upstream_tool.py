@@ -7,15 +7,13 @@ client we did not write: smtplib.
 from __future__ import annotations
 
 import smtplib
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.net import wait_until
-from tests.support.upstream import REPO_ROOT, TRY_LATER, UpstreamProcess
+from tests.support.upstream import TRY_LATER, UpstreamProcess, run_script
 
 pytestmark = pytest.mark.integration
 
@@ -163,11 +161,6 @@ def test_stop_is_clean_with_a_client_connected(upstream: UpstreamProcess) -> Non
 
 def test_script_form_imports() -> None:
     # `python tests/support/upstream.py` runs without `tests` on sys.path.
-    result = subprocess.run(
-        [sys.executable, "tests/support/upstream.py", "--help"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        timeout=30,
-    )
+    result = run_script("--help")
     assert result.returncode == 0, result.stderr.decode()
     assert b"--reply-data-4xx-every" in result.stdout

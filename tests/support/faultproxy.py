@@ -43,10 +43,11 @@ import selectors
 import socket
 import struct
 import threading
-from types import TracebackType
-from typing import Literal
+from typing import Literal, Self
 
 import attrs
+
+from tests.support.process import ServerHandle
 
 Mode = Literal["pass", "reset", "stall", "inject_after_starttls", "strip_starttls"]
 MODES: tuple[Mode, ...] = ("pass", "reset", "stall", "inject_after_starttls", "strip_starttls")
@@ -122,7 +123,7 @@ class _Connection:
         return self.client.closed and (self.server is None or self.server.closed)
 
 
-class FaultProxy:
+class FaultProxy(ServerHandle):
     """See the module docstring. Start with start() or a with block; stop() is idempotent."""
 
     def __init__(
@@ -158,16 +159,9 @@ class FaultProxy:
         self._stopping = False
         self._connections: list[_Connection] = []
         self._lock = threading.Lock()
-        self._port: int | None = None
         self.errors: list[str] = []  # unexpected exceptions in the proxy thread
 
     # -- public API -----------------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("FaultProxy is not started")
-        return self._port
 
     @property
     def connection_count(self) -> int:
@@ -185,7 +179,7 @@ class FaultProxy:
             connections = list(self._connections)
         return [c.record() for c in connections]
 
-    def start(self) -> FaultProxy:
+    def start(self) -> Self:
         if self._thread is not None:
             raise RuntimeError("FaultProxy already started")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -219,17 +213,6 @@ class FaultProxy:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- the proxy thread -----------------------------------------------------------------------
 

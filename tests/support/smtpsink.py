@@ -31,17 +31,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
 import attrs
 
 from tests.support.net import free_port, wait_until
+from tests.support.process import ServerProcess
 
 SMTP_SINK = Path(os.environ.get("MAILRELAY_SMTP_SINK", "/usr/sbin/smtp-sink"))
 BACKLOG = 64
@@ -104,7 +104,7 @@ def parse_capture(data: bytes, path: Path) -> CapturedMessage:
     return CapturedMessage(mail_from, tuple(rcpts), helo, body, path)
 
 
-class SmtpSink:
+class SmtpSink(ServerProcess):
     def __init__(
         self,
         *,
@@ -142,18 +142,6 @@ class SmtpSink:
         self.dir = Path(tempfile.mkdtemp(prefix="smtp-sink-"))
         self.capture_dir = self.dir / "capture"
         self.log_path = self.dir / "smtp-sink.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._port: int | None = None
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("SmtpSink is not started")
-        return self._port
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self._proc is None else self._proc.poll()
 
     def command(self, port: int) -> list[str]:
         cmd = [str(SMTP_SINK), "-c", "-d", f"{self.capture_dir}/msg.", *self._args]
@@ -162,7 +150,7 @@ class SmtpSink:
         address = f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
         return [*cmd, address, str(BACKLOG)]
 
-    def start(self) -> SmtpSink:
+    def start(self) -> Self:
         if self._proc is not None:
             raise RuntimeError("SmtpSink already started")
         if not os.access(SMTP_SINK, os.X_OK):
@@ -200,41 +188,11 @@ class SmtpSink:
                 break
         raise RuntimeError(f"smtp-sink exited with {proc.returncode}:\n{self.log_tail()}")
 
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM (smtp-sink exits at once, closing its connections) and wait."""
-        proc = self._proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
+    # stop() (from ServerProcess): SIGTERM; smtp-sink exits at once, closing its connections.
 
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> SmtpSink:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_bytes().replace(b"\r", b"\n").decode(errors="replace")
-        except FileNotFoundError:
-            return "(no smtp-sink.log)"
-        return "\n".join(text.splitlines()[-lines:])
 
     def _complete_captures(self) -> list[Path]:
         # A capture is complete once it ends with the blank line smtp-sink appends.

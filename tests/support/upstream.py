@@ -44,7 +44,9 @@ that sees <seq>.json can always read a complete <seq>.eml. The 250 reply to DATA
 after both files exist, so a client that got 250 can look for the files at once.
 
 The server half of this module imports only the standard library and aiosmtpd, so that the
-script form works even where the `tests` package is not importable.
+script form works even where the `tests` package is not importable. The client half
+(UpstreamProcess) comes after the `__main__` guard, which the script form never gets past, and
+may import from tests.support.
 """
 
 from __future__ import annotations
@@ -59,8 +61,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
@@ -486,7 +487,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class UpstreamProcess:
+if __name__ == "__main__":
+    sys.exit(main())
+
+# -- the client half: never reached by the script form (sys.exit above) ------------------------
+
+from tests.support.net import wait_until  # noqa: E402
+from tests.support.process import ServerProcess  # noqa: E402
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run the script form, `python tests/support/upstream.py ARGS` from the repository root
+    (`tests` is then not on sys.path), to completion; its output is captured."""
+    return subprocess.run(
+        [sys.executable, "tests/support/upstream.py", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        timeout=30,
+    )
+
+
+class UpstreamProcess(ServerProcess):
     """Runs the server above in a subprocess; a context manager for tests and benchmarks.
 
     With port=0 (the default) the child binds a free port itself and reports it in DIR/ready,
@@ -539,24 +560,8 @@ class UpstreamProcess:
         self.out = Path(out)
         self.messages_dir = self.out / "messages"
         self.log_path = self.out / "upstream.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._port: int | None = None
 
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("UpstreamProcess is not started")
-        return self._port
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self._proc is None else self._proc.poll()
-
-    def start(self) -> UpstreamProcess:
-        # Imported here rather than at the top so that the script form of this file, where
-        # `tests` is not on sys.path, keeps working.
-        from tests.support.net import wait_until
-
+    def start(self) -> Self:
         if self._proc is not None:
             raise RuntimeError("UpstreamProcess already started")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -615,39 +620,11 @@ class UpstreamProcess:
         self._port = int(ready.read_text())
         return self
 
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM the server and wait for it; returns its exit status (0 on a clean stop)."""
-        proc = self._proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
-
-    def __enter__(self) -> UpstreamProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def cleanup(self) -> None:
+        """stop(), then remove the output directory if it is a temporary one of ours."""
         self.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no upstream.log)"
-        return "\n".join(text.splitlines()[-lines:])
 
     def _json_paths(self) -> list[Path]:
         if not self.messages_dir.exists():
@@ -693,15 +670,9 @@ class UpstreamProcess:
 
     def wait_for_messages(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Poll until at least n messages are stored, then return messages()."""
-        from tests.support.net import wait_until  # see start() for why it is imported here
-
         wait_until(
             lambda: self.message_count() >= n,
             timeout=timeout,
             what=f"{n} messages in {self.messages_dir}",
         )
         return self.messages()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -68,6 +68,12 @@ class Dispatcher:
         self.clock.advance(max(0.0, end - self.clock.seconds()))
 
 
+def fifty_per_second(clock: Clock | None = None) -> Dispatcher:
+    """A dispatcher for a provider limited to 50 messages/s, and nothing else."""
+    limits = ProviderLimits(rate=50, recipient_rate=0, daily_quota=0, connections=4)
+    return Dispatcher(Clock() if clock is None else clock, limits)
+
+
 def max_in_window(times: list[float], window: float = 1.0) -> int:
     """The most events in any closed interval of ``window`` seconds."""
     ordered = sorted(times)
@@ -95,8 +101,7 @@ def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> floa
 def test_dispatcher_at_50_per_second_sends_50_in_every_second() -> None:
     clock = Clock()
     clock.advance(1000.123)  # not a round start time
-    limits = ProviderLimits(rate=50, recipient_rate=0, daily_quota=0, connections=4)
-    d = Dispatcher(clock, limits)
+    d = fifty_per_second(clock)
     d.submit(10_000)
     start = clock.seconds()
     d.run_until(start + 10)
@@ -111,13 +116,11 @@ def test_dispatcher_at_50_per_second_sends_50_in_every_second() -> None:
 
 def test_dispatcher_idle_then_burst_does_not_burst() -> None:
     """A burst of 1: after an idle minute, 50/s still means 50 in the first second."""
-    clock = Clock()
-    limits = ProviderLimits(rate=50, recipient_rate=0, daily_quota=0, connections=4)
-    d = Dispatcher(clock, limits)
+    d = fifty_per_second()
     d.submit(1)
-    clock.advance(60)
+    d.clock.advance(60)
     d.submit(200)
-    d.run_until(clock.seconds() + 0.999)
+    d.run_until(d.clock.seconds() + 0.999)
     assert len([t for t in d.started if t >= 60]) == 50
 
 
@@ -366,12 +369,10 @@ def test_unlimited_provider_throttled_gets_fewer_connections_but_stays_unlimited
 
 
 def test_dispatcher_slows_down_after_a_throttle_reply() -> None:
-    clock = Clock()
-    limits = ProviderLimits(rate=50, recipient_rate=0, daily_quota=0, connections=4)
-    d = Dispatcher(clock, limits)
+    d = fifty_per_second()
     d.submit(100_000)
     d.run_until(10)
-    limits.throttled(clock.seconds())
+    d.limits.throttled(d.clock.seconds())
     before = len(d.started)
     d.run_until(10.999)
     assert len(d.started) == before  # paused for 1 s
