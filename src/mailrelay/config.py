@@ -138,10 +138,6 @@ class RoutingConfig:
     # Sender domain (lower case, exact match) -> its own chain; other senders use default.
     sender_domains: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
 
-    def chain_for(self, sender: str) -> tuple[str, ...]:
-        domain = sender.rpartition("@")[2].lower() if "@" in sender else ""
-        return self.sender_domains.get(domain, self.default)
-
     def chains(self) -> list[tuple[str, tuple[str, ...]]]:
         """Every chain with the key it was configured under, for checks."""
         return [("default", self.default)] + [
@@ -293,7 +289,10 @@ def _parse_routing(t: Mapping[str, Any], key: str) -> RoutingConfig:
     for domain, chain in table.items():
         where = f"{key}.sender_domains.{domain}"
         lowered = domain.lower()
-        if not lowered or not all(c.isascii() and (c.isalnum() or c in "-.") for c in lowered):
+        valid = all(c.isascii() and (c.isalnum() or c in "-.") for c in lowered)
+        if not lowered or not valid or lowered.startswith(".") or lowered.endswith("."):
+            # A trailing dot could never match a sender's domain: refuse it rather than
+            # route nothing.
             raise ConfigError(f"{where}: not a valid domain name")
         if lowered in domains:
             raise ConfigError(f"{where}: the domain is listed twice")
@@ -375,7 +374,7 @@ def _parse_provider(t: Mapping[str, Any], key: str) -> ProviderConfig:
     breaker_max_cooldown = _seconds(t, "breaker_max_cooldown", key, d.breaker_max_cooldown)
     if breaker_max_cooldown < breaker_cooldown:
         raise ConfigError(f"{key}.breaker_max_cooldown: must not be less than breaker_cooldown")
-    return ProviderConfig(
+    provider = ProviderConfig(
         name=name,
         kind="smtp",
         host=host,
@@ -416,6 +415,14 @@ def _parse_provider(t: Mapping[str, Any], key: str) -> ProviderConfig:
         breaker_cooldown=breaker_cooldown,
         breaker_max_cooldown=breaker_max_cooldown,
     )
+    # Load the CA bundle, client certificate and key now, as the relay will: a file that is
+    # unreadable, not PEM, encrypted or mismatched is a config error here, not a traceback.
+    from mailrelay.outbound.tls import tls_material_error
+
+    tls_error = tls_material_error(provider)
+    if tls_error is not None:
+        raise ConfigError(f"{key}.{tls_error.key}: {tls_error.detail}")
+    return provider
 
 
 # -- value checks ------------------------------------------------------------------------------
@@ -500,6 +507,10 @@ def _seconds(
     value = t.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{key}.{name}: must be {what}")
+    try:
+        value = float(value)  # an integer of 400 digits does not fit
+    except OverflowError:
+        raise ConfigError(f"{key}.{name}: too large") from None
     if value != value or value in (float("inf"), float("-inf")):
         raise ConfigError(f"{key}.{name}: must be a finite number")
     if zero_ok and value < 0:

@@ -30,7 +30,7 @@ from zope.interface import implementer
 from mailrelay.config import ProviderConfig
 from mailrelay.metrics import Metrics
 from mailrelay.outbound.pool import SMTPProvider
-from mailrelay.outbound.results import IProvider, Kind, OutboundMessage, RecipientResult
+from mailrelay.outbound.results import IProvider, Kind, OutboundMessage, Progress, RecipientResult
 from mailrelay.outbound.router import RoutedResult, Router
 from tests.support.certs import ServerKind, session_pki
 from tests.support.faultproxy import FaultProxy
@@ -96,12 +96,12 @@ class Recording:
     def on_permanent(self) -> str:
         return self.provider.on_permanent
 
-    def deliver(self, message: OutboundMessage) -> Any:
+    def deliver(self, message: OutboundMessage, progress: Progress | None = None) -> Any:
         def record(results: list[RecipientResult]) -> list[RecipientResult]:
             self.results.extend(results)
             return results
 
-        return self.provider.deliver(message).addCallback(record)
+        return self.provider.deliver(message, progress).addCallback(record)
 
     def close(self) -> Any:
         return self.provider.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IProtocol, ITCPTransport, ITLSTransport
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
@@ -30,6 +31,7 @@ from mailrelay.outbound.results import (
     IProvider,
     Kind,
     OutboundMessage,
+    Progress,
     RecipientResult,
     all_results,
 )
@@ -117,10 +119,14 @@ def message(
 
 @implementer(ITCPTransport)
 class RecordingTransport(StringTransport):
-    """A StringTransport that records TCP_NODELAY and every write() separately."""
+    """A StringTransport that records TCP_NODELAY and every write() separately.
+
+    Its peer is 127.0.0.1:25, the host provider_config() names (StringTransport's default is
+    192.168.1.1, which the client would rightly refuse to send clear-text AUTH to).
+    """
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 25))
         self.writes: list[bytes] = []
         self.no_delay: bool | None = None
 
@@ -260,7 +266,9 @@ class FakeProvider:
         self.held: list[tuple[OutboundMessage, defer.Deferred[list[RecipientResult]]]] = []
         self.closed = False
 
-    def deliver(self, message: OutboundMessage) -> defer.Deferred[list[RecipientResult]]:
+    def deliver(
+        self, message: OutboundMessage, progress: Progress | None = None
+    ) -> defer.Deferred[list[RecipientResult]]:
         self.delivered.append(message)
         if self.hold:
             d: defer.Deferred[list[RecipientResult]] = defer.Deferred()

@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 
 from mailrelay.outbound.client import (
     NO_8BITMIME,
+    QUIT_TIMEOUT,
     RelayClient,
     SessionError,
     failure_class_of_stage,
@@ -179,11 +180,21 @@ def test_idle_timeout_when_ready_sends_quit() -> None:
     assert s.up.closing
 
 
-def test_quit_without_an_answer_is_aborted_after_the_command_timeout() -> None:
-    s = ready_session()
+def test_quit_without_an_answer_is_aborted_after_the_quit_timeout() -> None:
+    """QUIT_TIMEOUT, not the command timeout: a leaving connection holds a pool slot."""
+    s = ready_session(command_timeout=300.0)
     s.client.quit()
     assert s.up.take() == b"QUIT\r\n"
-    s.clock.advance(TIMEOUTS["command_timeout"] + 0.1)
+    s.clock.advance(QUIT_TIMEOUT - 0.1)
+    assert not s.up.aborted
+    s.clock.advance(0.2)
+    assert s.up.aborted
+
+
+def test_the_quit_timeout_is_never_longer_than_the_command_timeout() -> None:
+    s = ready_session(command_timeout=4.0)
+    s.client.quit()
+    s.clock.advance(4.1)
     assert s.up.aborted
 
 

@@ -200,3 +200,178 @@ def test_the_password_is_written_only_in_the_auth_exchange_and_never_logged(
     for secret in (PASSWORD.encode(), PASSWORD_B64, PLAIN_TOKEN):
         assert secret not in after_auth
     assert_no_secret(list(logs.texts()))
+
+
+# -- echoes of the credentials are scrubbed from every text --------------------------------------
+
+CRAM_CHALLENGE = b"334 PDE4OTYuNjk3MTcwOTUyQHBvc3RvZmZpY2UucmVzdG9uLm1jaS5uZXQ+\r\n"
+CRAM_ANSWER_B64 = b"dGltIGI5MTNhNjAyYzdlZGE3YTQ5NWI0ZTZlNzMzNGQzODkw"
+CRAM_ANSWER = b"tim b913a602c7eda7a495b4e6e7334d3890"
+
+
+def authenticated(mechanism: bytes = b"PLAIN", **config: Any) -> Session:
+    s = greeted(auth_mechanisms=(mechanism.decode(),), **config)
+    s.up.reply(ehlo_offering(mechanism))
+    if mechanism == b"LOGIN":
+        s.up.reply(LOGIN_USERNAME + LOGIN_PASSWORD)
+    elif mechanism == b"CRAM-MD5":
+        s.up.reply(CRAM_CHALLENGE)
+    s.up.take()
+    s.up.reply(b"235 ok\r\n")
+    assert result_of(s.client.ready) is s.client
+    return s
+
+
+def test_an_echo_of_the_plain_token_after_235_is_scrubbed_from_the_log() -> None:
+    """/tmp/secrev/r1.py: "235" and then an echo, read as an unsolicited reply."""
+    with LogCapture() as logs:
+        s = greeted()
+        s.up.reply(ehlo_offering(b"PLAIN"))
+        s.up.take()
+        s.up.reply(b"235 ok\r\n500 5.5.1 unknown command " + PLAIN_TOKEN + b"\r\n")
+    texts = list(logs.texts())
+    assert_no_secret(texts)
+    assert any("500 5.5.1 unknown command [redacted]" in t for t in texts)
+    assert s.up.take() == b"QUIT\r\n"
+
+
+def test_an_echo_in_a_later_reply_is_scrubbed_from_the_results() -> None:
+    s = authenticated()
+    d = s.client.send(message("a@example.test", "b@example.test"))
+    s.up.take()
+    s.up.reply(
+        b"250 ok\r\n550 5.1.1 you said " + PLAIN_TOKEN + b"\r\n"
+        b"550-5.1.1 that is " + PASSWORD_B64 + b"\r\n550 5.1.1 or " + PASSWORD.encode() + b"\r\n"
+        b"503 no\r\n"
+    )
+    results = result_of(d)
+    assert [r.reply for r in results] == [
+        "550 5.1.1 you said [redacted]",
+        "550 5.1.1 that is [redacted] 5.1.1 or [redacted]",
+    ]
+
+
+def test_an_echo_in_a_non_numeric_line_during_auth_is_scrubbed() -> None:
+    s = greeted()
+    s.up.reply(ehlo_offering(b"PLAIN"))
+    s.up.take()
+    s.up.reply(b"xyz unrecognized: AUTH PLAIN " + PLAIN_TOKEN + b"\r\n")
+    exc = s.session_error()
+    assert exc.stage == "protocol"
+    assert exc.detail == "invalid reply from server: xyz unrecognized: AUTH PLAIN [redacted]"
+
+
+def test_the_login_answers_are_scrubbed_base64_or_not() -> None:
+    s = authenticated(b"LOGIN")
+    d = s.client.send(message("a@example.test"))
+    s.up.take()
+    echo = b" ".join([USER_B64, PASSWORD_B64, USER.encode(), PASSWORD.encode()])
+    s.up.reply(b"550 5.7.1 " + echo + b"\r\n503 no\r\n503 no\r\n")
+    [r] = result_of(d)
+    assert r.reply == "550 5.7.1 [redacted] [redacted] [redacted] [redacted]"
+
+
+def test_the_cram_md5_answer_is_scrubbed_base64_or_not() -> None:
+    s = authenticated(b"CRAM-MD5", username="tim", password="tanstaaftanstaaf")
+    d = s.client.send(message("a@example.test"))
+    s.up.take()
+    s.up.reply(b"550 5.7.1 " + CRAM_ANSWER_B64 + b" / " + CRAM_ANSWER + b"\r\n503 no\r\n503 no\r\n")
+    [r] = result_of(d)
+    assert r.reply == "550 5.7.1 [redacted] / [redacted]"
+
+
+def test_a_connection_lost_detail_is_scrubbed_and_the_secrets_go_with_the_connection() -> None:
+    from twisted.internet import error
+
+    s = authenticated()
+    d = s.client.send(message("a@example.test"))
+    s.up.lose(error.ConnectionLost("peer said " + PASSWORD))
+    [r] = result_of(d)
+    assert PASSWORD not in r.reply
+    assert "[redacted]" in r.reply
+    assert s.client._secrets == set()
+
+
+def test_an_error_detail_from_send_error_is_scrubbed() -> None:
+    from twisted.mail import smtp
+
+    s = greeted()
+    s.up.reply(ehlo_offering(b"PLAIN"))
+    s.client.sendError(smtp.SMTPProtocolError(-1, b"echo " + PLAIN_TOKEN))
+    assert s.session_error().detail == "echo [redacted]"
+
+
+# -- a password that cannot be used, and what is kept after AUTH ---------------------------------
+
+
+def test_a_password_that_is_not_utf8_fails_auth_cleanly() -> None:
+    """/tmp/secrev/r5.py: os.environ keeps undecodable bytes as surrogates."""
+    with LogCapture() as logs:
+        s = greeted(password="hunter2\udcff-tail")
+        s.up.reply(ehlo_offering(b"PLAIN LOGIN"))
+        exc = auth_error(s)
+    assert exc.detail == "cannot use the configured password (not UTF-8)"
+    assert exc.code is None
+    assert s.up.take() == b""
+    assert s.up.aborted
+    for text in [str(exc), repr(exc), *logs.texts()]:
+        assert "hunter2" not in text
+        assert "position" not in text
+
+
+@pytest.mark.parametrize(
+    ("raised", "detail"),
+    [
+        (ValueError("bad"), "malformed AUTH LOGIN challenge"),
+        (UnicodeEncodeError("utf-8", "x\udcff", 1, 2, "no"), "cannot use the configured password"),
+        (RuntimeError(PASSWORD), "cannot answer the AUTH LOGIN"),
+    ],
+)
+def test_a_responder_that_raises_fails_auth_without_its_text(
+    monkeypatch: pytest.MonkeyPatch, raised: Exception, detail: str
+) -> None:
+    def broken(_challenge: bytes) -> bytes:
+        raise raised
+
+    monkeypatch.setattr(
+        "mailrelay.outbound.client.auth_exchange", lambda *_: (b"AUTH LOGIN", [broken])
+    )
+    s = greeted(auth_mechanisms=("LOGIN",))
+    s.up.reply(ehlo_offering(b"LOGIN"))
+    assert s.up.take() == b"AUTH LOGIN\r\n"
+    s.up.reply(LOGIN_USERNAME)
+    exc = auth_error(s)
+    assert exc.detail.startswith(detail)
+    assert PASSWORD not in exc.detail
+    assert s.up.take() == b""
+    assert s.up.aborted
+
+
+@pytest.mark.parametrize("final", [b"235 ok\r\n", b"535 no\r\n"], ids=["success", "failure"])
+def test_the_password_is_dropped_once_the_auth_exchange_is_over(final: bytes) -> None:
+    s = greeted(auth_mechanisms=("LOGIN",))
+    s.up.reply(ehlo_offering(b"LOGIN"))
+    s.up.reply(LOGIN_USERNAME)
+    assert s.client._password == PASSWORD  # still needed for the next challenge
+    s.up.reply(LOGIN_PASSWORD + final)
+    assert s.client._password is None
+    assert not s.client._auth_responders
+    if final.startswith(b"535"):
+        auth_error(s)
+
+
+def test_the_auth_steps_have_a_command_timer_each() -> None:
+    """No line restarts a timer any more: each AUTH step arms its own."""
+    from tests.unit.fakes import TIMEOUTS
+
+    command = TIMEOUTS["command_timeout"]
+    s = greeted(auth_mechanisms=("LOGIN",))
+    s.up.reply(ehlo_offering(b"LOGIN"))
+    s.clock.advance(command - 1)
+    s.up.reply(LOGIN_USERNAME)
+    s.clock.advance(command - 1)
+    s.up.reply(LOGIN_PASSWORD)
+    s.clock.advance(command - 0.5)
+    assert not has_fired(s.client.ready)
+    s.clock.advance(1)
+    assert s.session_error().stage == "timeout"

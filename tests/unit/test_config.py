@@ -172,6 +172,15 @@ def test_implicit_tls_defaults_to_port_465() -> None:
             "providers[0].tls: AUTH to a non-loopback host needs tls = starttls or implicit",
         ),
         (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\nkeepalive = 1" + "0" * 400 + "\n",
+            "providers[0].keepalive: too large",
+        ),
+        (
+            "[[providers]]\nname = 'a'\nhost = 'x.example'\n"
+            "[routing]\ndefault = ['a']\n[routing.sender_domains]\n'b.example.' = ['a']\n",
+            "routing.sender_domains.b.example.: not a valid domain name",
+        ),
+        (
             "[[providers]]\nname = 'a'\nhost = 'x.example'\nrate = -1\n",
             "providers[0].rate: must not be negative",
         ),
@@ -258,9 +267,8 @@ def test_sender_domain_chains() -> None:
         "[[providers]]\nname='a'\nhost='a.example'\n[[providers]]\nname='b'\nhost='b.example'\n"
         "[routing]\ndefault=['a','b']\n[routing.sender_domains]\n'Brand.Example'=['b']\n"
     )
-    assert config.routing.chain_for("x@brand.example") == ("b",)
-    assert config.routing.chain_for("x@other.example") == ("a", "b")
-    assert config.routing.chain_for("") == ("a", "b")
+    assert config.routing.default == ("a", "b")
+    assert config.routing.sender_domains == {"brand.example": ("b",)}
 
 
 def test_rendered_config_parses_back_to_the_same_values() -> None:
@@ -309,3 +317,40 @@ def test_endpoint_parsing() -> None:
         parse_server_endpoint("haproxy:tcp:2525:interface=127.0.0.1")
     with pytest.raises(EndpointError):
         parse_server_endpoint("carrier-pigeon:1")
+
+
+def test_tls_files_are_loaded_when_the_config_is_read(tmp_path: Path) -> None:
+    """A CA bundle, client certificate or key the relay could not use is a config error
+    naming the key, not a traceback at start; a bundle's every CA is trusted."""
+    import trustme
+
+    ca, other = trustme.CA(), trustme.CA()
+    issued = ca.issue_cert("client.example")
+    cert = tmp_path / "cert.pem"
+    cert.write_bytes(issued.cert_chain_pems[0].bytes())
+    key = tmp_path / "key.pem"
+    key.write_bytes(issued.private_key_pem.bytes())
+    other_key = tmp_path / "other-key.pem"
+    other_key.write_bytes(other.issue_cert("x.example").private_key_pem.bytes())
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(other.cert_pem.bytes() + ca.cert_pem.bytes())
+    junk = tmp_path / "junk.pem"
+    junk.write_bytes(b"not a certificate\n")
+    base = "[[providers]]\nname = 'a'\nhost = 'x.example'\n"
+
+    config = parse_text(
+        base + f"ca_file = '{bundle}'\nclient_cert = '{cert}'\nclient_key = '{key}'\n"
+    )
+    assert config.provider("a").client_key == str(key)
+    for extra, message in [
+        (f"ca_file = '{junk}'\n", "providers[0].ca_file: no PEM certificate in"),
+        (f"client_cert = '{junk}'\nclient_key = '{key}'\n", "providers[0].client_cert: no valid"),
+        (f"client_cert = '{cert}'\n", "providers[0].client_key: no usable PEM private key"),
+        (
+            f"client_cert = '{cert}'\nclient_key = '{other_key}'\n",
+            "providers[0].client_key: the private key does not match client_cert",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            parse_text(base + extra)
+        assert message in str(error.value)

@@ -8,7 +8,7 @@ import pytest
 
 from mailrelay.outbound.breaker import BreakerState
 from mailrelay.outbound.results import FailureClass, Kind, OutboundMessage
-from tests.unit.fakes import EHLO_PIPELINING, message, result_of
+from tests.unit.fakes import EHLO_PIPELINING, has_fired, message, result_of
 from tests.unit.test_pool import Pool, finish, mail_from, msg, sent
 
 
@@ -274,3 +274,121 @@ def test_a_connection_older_than_max_connection_age_is_not_reused() -> None:
     assert [line.split(b" SIZE")[0] for line in sent(new)] == [mail_from(2)]
     finish(new)
     assert result_of(d)[0].kind is Kind.DELIVERED
+
+
+# -- review mends ------------------------------------------------------------------------------
+
+
+def test_throttling_quits_only_the_connections_above_the_new_limit() -> None:
+    p = Pool(connections=4)
+    ds = [p.provider.deliver(msg(n)) for n in range(1, 9)]
+    ups = [p.open() for _ in range(4)]
+    for up in ups:  # each connection is throttled at MAIL
+        up.take()
+        up.reply(b"454 4.7.0 Throttling failure: Maximum sending rate exceeded.\r\n")
+        up.reply(b"503 no\r\n503 no\r\n")
+    quits = 0
+    for up in ups:
+        written = up.take()
+        if b"RSET" in written:
+            up.reply(b"250 reset\r\n")
+            written += up.take()
+        quits += b"QUIT" in written
+    limit = p.provider.limits.connection_limit(p.reactor.seconds())
+    assert limit == 2
+    assert quits == 4 - limit  # not every connection
+    assert sum(1 for d in ds if has_fired(d)) == 4  # the throttled four, passed on
+
+
+def test_a_421_greeting_while_a_session_delivers_throttles_instead_of_failing_over() -> None:
+    p = Pool(connections=4, breaker_threshold=2)
+    ds = [p.provider.deliver(msg(n)) for n in range(1, 5)]
+    first = p.open()
+    for _ in range(3):
+        p.accept().reply(b"421 4.7.0 Too many connections\r\n")
+    assert p.provider.breaker.state is BreakerState.CLOSED
+    assert p.provider.limits.connection_limit(p.reactor.seconds()) < 4
+    # The waiting messages stay for the live session, none failed over.
+    assert not any(has_fired(d) for d in ds)
+    for _ in ds:
+        while not sent(first):
+            p.reactor.advance(0.5)  # the throttling pause
+        finish(first)
+    assert [result_of(d)[0].kind for d in ds] == [Kind.DELIVERED] * 4
+
+
+def test_credentials_rejected_open_the_breaker_at_once_and_setups_go_one_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MR_POOL_PW", "not-the-password")
+    p = Pool(
+        connections=4,
+        username="user",
+        password_env="MR_POOL_PW",
+        breaker_threshold=3,
+    )
+    ds = [p.provider.deliver(msg(n)) for n in range(1, 5)]
+    assert p.attempts == 4  # no failure yet: the pool opens what it may
+    up = p.open(b"250-upstream.test\r\n250 AUTH PLAIN\r\n")
+    assert b"AUTH PLAIN " in up.take()
+    up.reply(b"535 5.7.8 Authentication credentials invalid\r\n")
+    assert p.provider.breaker.state is BreakerState.OPEN  # one rejection, not three
+    assert all(has_fired(d) for d in ds)
+
+
+def test_after_a_failed_setup_the_pool_tries_one_connection_at_a_time() -> None:
+    p = Pool(connections=4)
+    d = p.provider.deliver(msg(1))
+    p.refuse()
+    result_of(d)
+    ds = [p.provider.deliver(msg(n)) for n in range(2, 6)]
+    attempts = p.attempts
+    assert attempts == 2  # one new attempt for four waiting messages
+    up = p.open()
+    # A session came up: the pool may open the rest again.
+    assert p.attempts > attempts
+    sent(up)
+    finish(up)
+    assert result_of(ds[0])[0].kind is Kind.DELIVERED
+
+
+def test_batches_left_unsent_after_a_lost_connection_are_not_uncertain() -> None:
+    p = Pool(connections=1, batch_size=2, batch_delay=0)
+    d = p.provider.deliver(OutboundMessage("Q1", "s@example.test", rcpts(4), b"x\r\n"))
+    up = p.open()
+    up.take()
+    up.reply(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    up.take()
+    up.lose()  # after the final dot of the first batch
+    results = result_of(d)
+    assert [r.uncertain for r in results] == [True, True, False, False]
+    assert [r.code for r in results[2:]] == [None, None]
+
+
+def test_each_batch_but_the_last_is_reported_before_the_next_starts() -> None:
+    p = Pool(connections=1, batch_size=2, batch_delay=0)
+    reported: list[list[str]] = []
+
+    async def progress(part: list) -> None:  # type: ignore[type-arg]
+        reported.append([r.recipient for r in part])
+
+    d = p.provider.deliver(OutboundMessage("Q1", "s@example.test", rcpts(5), b"x\r\n"), progress)
+    up = p.open()
+    answer_transaction(up, 2)
+    assert reported == [list(rcpts(2))]
+    answer_transaction(up, 2)
+    answer_transaction(up, 1)
+    assert reported == [list(rcpts(2)), list(rcpts(4)[2:])]
+    assert len(result_of(d)) == 5
+
+
+def test_a_password_that_is_not_utf8_is_an_auth_failure_naming_no_byte(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MR_POOL_PW", "ab\udcffcd")
+    p = Pool(connections=1, username="user", password_env="MR_POOL_PW")
+    [r] = result_of(p.provider.deliver(msg(1)))
+    assert p.attempts == 0
+    assert r.failure is FailureClass.AUTH
+    assert "password_env MR_POOL_PW is not valid UTF-8" in r.reply
+    assert "udcff" not in r.reply and "\\x" not in r.reply

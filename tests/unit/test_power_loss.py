@@ -55,7 +55,7 @@ from twisted.python.failure import Failure
 
 from mailrelay.blocking import InlineRunner
 from mailrelay.metrics import Metrics
-from mailrelay.outbound.results import Kind, OutboundMessage, RecipientResult
+from mailrelay.outbound.results import Kind, OutboundMessage, Progress, RecipientResult
 from mailrelay.outbound.router import Router
 from mailrelay.queue import DeliveryQueue, RetryPolicy
 from mailrelay.spool.format import (
@@ -329,10 +329,12 @@ class Provider(FakeProvider):
             results.append(RecipientResult(r, kind, reply))
         return results
 
-    def deliver(self, message: OutboundMessage) -> defer.Deferred[list[RecipientResult]]:
+    def deliver(
+        self, message: OutboundMessage, progress: Progress | None = None
+    ) -> defer.Deferred[list[RecipientResult]]:
         if self._fs.cut:
             return defer.Deferred()  # never answers: nothing after the cut happens
-        return super().deliver(message)
+        return super().deliver(message, progress)
 
 
 def providers(life: int, fs: PowerLossFS, log: list[Delivery]) -> list[FakeProvider]:

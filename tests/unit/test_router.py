@@ -12,6 +12,7 @@ from mailrelay.outbound.results import (
     IProvider,
     Kind,
     OutboundMessage,
+    Progress,
     RecipientResult,
     all_results,
 )
@@ -221,3 +222,40 @@ def test_close_closes_a_provider_shared_by_chains_once() -> None:
     shared.close = counting_close  # type: ignore[method-assign]
     result_of(Router([shared], {"a.example": [shared], "b.example": [shared]}).close())
     assert closes == 1
+
+
+def test_batch_progress_is_journalled_once_and_before_the_provider_finishes() -> None:
+    """A provider sending in batches reports each finished batch: its settled recipients are
+    recorded at once (a crash later must not resend them), and never recorded twice."""
+
+    class Batching(FakeProvider):
+        def deliver(
+            self, message: OutboundMessage, progress: Progress | None = None
+        ) -> defer.Deferred[list[RecipientResult]]:
+            first = [
+                RecipientResult(A, Kind.DELIVERED, "250 ok"),
+                RecipientResult(B, Kind.PERMANENT, "550 no"),
+            ]
+            assert progress is not None
+            d = defer.Deferred.fromCoroutine(progress(first))
+            self.finish: defer.Deferred[list[RecipientResult]] = defer.Deferred()
+            d.addCallback(lambda _: self.finish)
+            rest = [RecipientResult(C, Kind.TEMPORARY, "451 later", failure=FailureClass.RCPT)]
+            return d.addCallback(lambda _: first + rest)
+
+    p1, p2 = Batching("p1"), FakeProvider("p2")
+    recorded: list[list[str]] = []
+
+    async def record(settled: list[RoutedResult]) -> None:
+        recorded.append([r.result.recipient for r in settled])
+
+    d = Router([p1, p2]).deliver(message(A, B, C), record)
+    assert recorded == [[A, B]] and not has_fired(d)
+    p1.finish.callback([])
+    routed = result_of(d)
+    assert recorded == [[A, B]]  # C moved on; A and B are not recorded a second time
+    assert summary(routed) == [
+        (A, Kind.DELIVERED, "p1"),
+        (B, Kind.PERMANENT, "p1"),
+        (C, Kind.DELIVERED, "p2"),
+    ]

@@ -18,7 +18,11 @@ def auth_exchange(mechanism: str, username: str, password: str) -> tuple[bytes, 
     """The AUTH command line for ``mechanism`` and its answers to the server's challenges, in
     order. PLAIN sends everything in the command (RFC 4616), LOGIN answers two challenges
     with the username and the password, CRAM-MD5 (RFC 2195) answers the one challenge with
-    "user hex(HMAC-MD5(password, challenge))"."""
+    "user hex(HMAC-MD5(password, challenge))".
+
+    Encodes both strings at once: UnicodeEncodeError here (never later, in a responder) for
+    a password that is not UTF-8 (os.environ keeps undecodable bytes as surrogates); its
+    text names an offset into the password, so callers report it in words of their own."""
     user = username.encode("utf-8")
     secret = password.encode("utf-8")
     if mechanism == "PLAIN":

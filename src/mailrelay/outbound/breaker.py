@@ -113,6 +113,15 @@ class CircuitBreaker:
         elif self._failures >= self._threshold:
             self._open()
 
+    def trip(self) -> None:
+        """A failure that retrying cannot mend (credentials rejected): open now, whatever the
+        count, so the provider is not asked again before the cooldown (a login lockout)."""
+        if self._state is BreakerState.CLOSED:
+            self._failures = max(self._failures + 1, self._threshold)
+            self._open()
+        else:
+            self.record_failure()
+
     def stop(self) -> None:
         """Shutdown: cancel the timer, and schedule no new one."""
         self._stopped = True

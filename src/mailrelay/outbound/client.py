@@ -29,6 +29,12 @@ steps, with what a relay needs in place of the rest (items of shared/twisted-pit
   NOOP waits for its reply the client is not ready (the pool hears ``on_leaving``, then
   ``on_ready`` on the 2xx), so a message is never handed over with a NOOP in flight.
 - Every result carries its FailureClass (results.py) and, when a reply decided it, the code.
+- Hostile servers: a reply is capped (MAX_LINE_LENGTH a line, MAX_REPLY_LINES lines,
+  MAX_REPLY_BYTES in all); only a complete reply restarts a stage timer, so a drip of
+  continuation lines cannot hold a connection (or a pool slot) past its deadline; every text
+  taken from the server is scrubbed of what the client sent during AUTH and of
+  non-printable characters before it reaches a result, an error or a log line.
+- QUIT waits QUIT_TIMEOUT at most, then the connection is aborted.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from __future__ import annotations
 import base64
 import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Literal, Protocol, cast
 
 from OpenSSL import SSL
@@ -48,7 +54,7 @@ from twisted.python.failure import Failure
 
 from mailrelay.clock import InjectedClockTimeouts
 from mailrelay.config import ProviderConfig
-from mailrelay.netaddr import is_loopback_host
+from mailrelay.netaddr import is_local_peer, is_loopback_host
 from mailrelay.outbound.auth import AUTH_MECHANISMS, Responder, auth_exchange
 from mailrelay.outbound.payload import build_data_payload
 from mailrelay.outbound.results import (
@@ -61,19 +67,49 @@ from mailrelay.outbound.results import (
 
 MAX_REPLY_TEXT = 400
 
+# What a server may send as one reply (RFC 5321 4.5.3.1.5 allows 512 bytes a line): a longer
+# line, more lines or more bytes end the session as a protocol error.
+MAX_LINE_LENGTH = 2048
+MAX_REPLY_LINES = 100
+MAX_REPLY_BYTES = 64 * 1024
+
+# How long QUIT waits for its reply (at most command_timeout) before the connection is
+# aborted: a connection on its way out should not hold a pool slot for minutes.
+QUIT_TIMEOUT = 10.0
+
 NO_8BITMIME = "upstream does not accept 8-bit mail (no 8BITMIME)"
+
+# Our own answer (code None) for an address we cannot put in MAIL FROM / RCPT TO: we never
+# use SMTPUTF8, so a non-ASCII address cannot be relayed by any provider.
+NON_ASCII_ADDRESS = "553 5.6.7 non-ASCII address cannot be relayed (no SMTPUTF8)"
+
+# The AUTH failure for a password that cannot be encoded: no byte, no offset.
+BAD_PASSWORD = "cannot use the configured password (not UTF-8)"
+
+# What replaces a credential the server echoed back.
+REDACTED = "[redacted]"
+
+# A raw (not base64) value sent during AUTH shorter than this is not scrubbed from texts (a
+# username "u" would garble every reply); the password always is, whatever its length.
+_MIN_SCRUBBED = 4
 
 # Module level: SMTPClient already uses ``self.log`` for its session log (a LineLog).
 _log = Logger(namespace="mailrelay.outbound.client")
 
 
 class SessionError(Exception):
-    """The connection could not be set up or broke; ``stage`` says where (for logs, breakers)."""
+    """The connection could not be set up or broke; ``stage`` says where (for logs, breakers).
 
-    def __init__(self, stage: str, detail: str) -> None:
+    ``code`` is the reply code when a server reply made setup fail (greeting, EHLO, STARTTLS,
+    AUTH), e.g. 421 for "too many connections"; None otherwise (timeouts, losses, our own
+    refusals).
+    """
+
+    def __init__(self, stage: str, detail: str, code: int | None = None) -> None:
         super().__init__(f"{stage}: {detail}")
         self.stage = stage
         self.detail = detail
+        self.code = code
 
 
 # SessionError.stage -> the class its results carry. "shutdown" is our own abort (grace
@@ -121,11 +157,26 @@ _COMMAND_CLASSES = {
 _Then = Literal["ready", "reset", "quit"]
 
 
-def _reply_text(code: int, resp: bytes | str) -> str:
-    if isinstance(resp, bytes):
-        resp = resp.decode("utf-8", "replace")
-    text = " ".join(resp.split())  # multi-line replies become one line
-    return f"{code} {text}"[:MAX_REPLY_TEXT]
+def _redact(text: str, secrets: Collection[str]) -> str:
+    # Longest first: a secret may contain a shorter one (the CRAM-MD5 answer, the username).
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def _clean_text(text: bytes | str, secrets: Collection[str] = ()) -> str:
+    """Server-derived text made fit for a result, an error or a log line: every ``secrets``
+    string replaced by REDACTED, whitespace runs (line breaks of a multi-line reply
+    included) collapsed to one space, and every other non-printable character (ESC, NUL,
+    DEL, C1 controls, bidi overrides, ...) replaced by "?". Not truncated."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    text = _redact(text, secrets)
+    text = " ".join(text.split())
+    # Again: a secret with a run of whitespace of its own (or a line break) only matches now.
+    text = _redact(text, secrets)
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 class _Transaction:
@@ -152,8 +203,20 @@ class _ClientTransport(Protocol):
 _ANY_REPLY: Any = range(0, 1000)
 
 
+# Where session setup is (RelayClient._setup_step) -> the SessionError stage of a connection
+# lost there. A loss while waiting for the reply to STARTTLS is not yet TLS's failure.
+_LOSS_STAGES = {
+    "greeting": "connect",
+    "ehlo": "connect",
+    "starttls": "connect",
+    "tls-handshake": "tls",  # the handshake, or the EHLO after it
+    "auth": "auth",
+}
+
+
 class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
     debug = False  # the stock session log would keep the AUTH line (pitfall 23)
+    MAX_LENGTH = MAX_LINE_LENGTH  # LineReceiver: a longer line is lineLengthExceeded
 
     def __init__(
         self,
@@ -190,6 +253,17 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         self._auth_mechanism = ""
         self._auth_responders: deque[Responder] = deque()
         self._auth_credentials_sent = False
+        # Everything sent during AUTH (the password, base64 or not, the PLAIN token, the
+        # LOGIN and CRAM-MD5 answers): scrubbed from every server-derived text until the
+        # connection is closed, since a server may echo what it was sent, even later.
+        self._secrets: set[str] = set()
+        # The setup step in progress: greeting, ehlo, starttls, tls-handshake, auth; "done"
+        # once set up. Names the stage of a connection lost during setup.
+        self._setup_step = "greeting"
+        self._starttls_done = False
+        # The reply being received: its lines and bytes so far (MAX_REPLY_LINES/_BYTES).
+        self._reply_lines = 0
+        self._reply_bytes = 0
         # Fires with this client once the session is set up, or fails with SessionError.
         self.ready: defer.Deferred[RelayClient] = defer.Deferred()
         # True once the session was set up: a client that never got there is a failed attempt.
@@ -251,17 +325,101 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
             self._tlsMode = True
 
     def esmtpState_ehlo(self, code: int, resp: bytes) -> None:
+        self._setup_step = "tls-handshake" if self._starttls_done else "ehlo"
         self.setTimeout(self.provider.command_timeout)
         super().esmtpState_ehlo(code, resp)
 
+    # -- replies --------------------------------------------------------------------------------
+
+    def resetTimeout(self) -> None:
+        """Never called for us: the stock lineReceived (on every line) and TimeoutMixin users
+        would push the current deadline back on any input, so a server dripping continuation
+        lines could hold the connection forever. Deadlines move only by setTimeout, and by
+        _restart_timer when a complete reply arrives."""
+
+    def _restart_timer(self) -> None:
+        # The current period again, from now (TimeoutMixin's own reset).
+        super().resetTimeout()
+
     def lineReceived(self, line: bytes) -> Any:
+        """SMTPClient.lineReceived with limits: a reply of at most MAX_REPLY_LINES lines and
+        MAX_REPLY_BYTES bytes (informational "0xx" lines count), and the stage timer
+        restarted by a complete reply only, never by a continuation or an ignored line."""
         if self._state is _State.CLOSED:
             # The session failed and the transport was aborted, but a TCP transport does not
             # set ``disconnecting`` on abort, so LineReceiver goes on parsing the rest of the
             # chunk: such lines (e.g. an injected second "220" after STARTTLS) must not drive
             # the state machine any further.
             return None
-        return super().lineReceived(line)
+        self._reply_lines += 1
+        self._reply_bytes += len(line) + 2
+        if self._reply_lines > MAX_REPLY_LINES or self._reply_bytes > MAX_REPLY_BYTES:
+            self._session_failed("protocol", "reply too long")
+            return None
+        if len(line) < 3 or not line[:3].isdigit():
+            self._session_failed(
+                "protocol", self._detail_text(b"invalid reply from server: " + line)
+            )
+            return None
+        if line[:1] == b"0":
+            return None  # informational, ignored (as the stock client does)
+        self.resp.append(line[4:])
+        if line[3:4] == b"-":
+            return None  # continuation
+        code = int(line[:3])
+        resp = b"\n".join(self.resp)
+        self.resp = []
+        self._reply_lines = self._reply_bytes = 0
+        self._restart_timer()
+        if code in self._expected:
+            return self._okresponse(code, resp)
+        return self._failresponse(code, resp)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # The default drops the connection quietly (loseConnection): fail like any other
+        # protocol error instead, so the transaction and ``ready`` are answered.
+        if self._state is not _State.CLOSED:
+            self._session_failed("protocol", "reply line too long")
+
+    def _reply_text(self, code: int, resp: bytes | str) -> str:
+        """A reply for results, errors and logs: scrubbed, one line, MAX_REPLY_TEXT at most."""
+        return f"{code} {_clean_text(resp, self._secrets)}"[:MAX_REPLY_TEXT]
+
+    def _detail_text(self, text: bytes | str) -> str:
+        """Any other text that came from the server or the network, cleaned the same way."""
+        return _clean_text(text, self._secrets)[:MAX_REPLY_TEXT]
+
+    # -- setup steps --------------------------------------------------------------------------
+
+    def smtpConnectionFailed(self, code: int, resp: bytes) -> None:
+        """The greeting was not 220 (a 421 "too many connections", a 554)."""
+        self._session_failed("greeting", self._reply_text(code, resp), code=code)
+
+    def esmtpEHLORequired(self, code: int = -1, resp: bytes | None = None) -> None:
+        """EHLO refused; the stock step reports a made-up 502 instead of the reply."""
+        self._session_failed(
+            "greeting", "EHLO refused: " + self._reply_text(code, resp or b""), code=code
+        )
+
+    def tryTLS(self, code: int, resp: bytes, items: dict[bytes, bytes | None]) -> None:
+        """The stock decision (STARTTLS when it can and should, else on to authenticate), with
+        a timer for the STARTTLS reply and the setup step recorded."""
+        offered = {k.upper() for k in items}
+        can_tls = bool(self.context) and b"STARTTLS" in offered
+        if self._tlsMode or not (can_tls or self.requireTransportSecurity):
+            self.authenticate(code, resp, items)
+        elif can_tls:
+            self._setup_step = "starttls"
+            self._expected = [220]
+            self._okresponse = self.esmtpState_starttls
+            self._failresponse = self._starttls_refused
+            self.setTimeout(self.provider.command_timeout)
+            self._transport.write(b"STARTTLS\r\n")
+        else:
+            self._session_failed("tls", "server does not offer STARTTLS")
+
+    def _starttls_refused(self, code: int, resp: bytes) -> None:
+        self._session_failed("tls", "STARTTLS refused: " + self._reply_text(code, resp), code=code)
 
     def esmtpState_starttls(self, code: int, resp: bytes) -> None:
         if self._buffer:
@@ -277,7 +435,18 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
             self._session_failed("tls", f"cannot start TLS: {type(e).__name__}")
             return
         self._tlsMode = True
+        self._starttls_done = True  # the handshake and the EHLO after it: step tls-handshake
         self.esmtpState_ehlo(code, resp)
+
+    def _secure_for_auth(self) -> bool:
+        """TLS, or a loopback host that the connection really reaches over loopback."""
+        if self._tlsMode:
+            return True
+        if not is_loopback_host(self.provider.host):
+            return False
+        # The configured name is not enough ("localhost" could resolve elsewhere): the peer
+        # of this very connection must be local too.
+        return self.transport is not None and is_local_peer(self.transport.getPeer())
 
     def authenticate(self, code: int, resp: bytes, items: dict[bytes, bytes | None]) -> None:
         """Called by ESMTPClient once TLS is settled; we take over from here."""
@@ -285,8 +454,7 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         if self.provider.username is None:
             self._session_ready()
             return
-        secure = self._tlsMode or is_loopback_host(self.provider.host)
-        if not secure:
+        if not self._secure_for_auth():
             self._session_failed("auth", "refusing to send credentials without TLS")
             return
         offered = (self._extensions.get(b"AUTH") or b"").upper().split()
@@ -309,16 +477,45 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
             # toward the provider's lockout.
             self._session_failed("auth", "no password available")
             return
-        line, responders = auth_exchange(mechanism, self.provider.username, self._password)
+        # The password is a secret even before anything is sent (its base64 form below).
+        self._secrets.add(self._password)
+        failed: str | None = None
+        try:
+            # UnicodeEncodeError for a password that is not UTF-8 (os.environ keeps such
+            # bytes as surrogates); its text names the offset, so it is not used.
+            line, responders = auth_exchange(mechanism, self.provider.username, self._password)
+            self._add_sent_secret(self._password.encode("utf-8"), always=True)
+        except UnicodeError:
+            failed = BAD_PASSWORD
+        except Exception as e:
+            failed = f"cannot prepare AUTH {mechanism}: {type(e).__name__}"
+        if failed is not None:
+            # Out of the except block: nothing keeps the exception (and the password in it).
+            self._end_auth()
+            self._session_failed("auth", failed)
+            return
+        initial = line.split(b" ", 2)[2:]  # PLAIN's initial response: the token
+        for token in initial:
+            # The token as sent, and what it encodes ("\0user\0password").
+            self._add_sent_secret(base64.b64decode(token), always=True)
         self._auth_mechanism = mechanism
         self._auth_responders = deque(responders)
         # PLAIN carries the credentials in the command itself.
         self._auth_credentials_sent = not responders
         # One handler for every reply: it decides between success, the next challenge and
         # failure, so no reply can start another mechanism or a second try (pitfall 24).
+        self._setup_step = "auth"
         self._expected = _ANY_REPLY
         self._okresponse = self._failresponse = self._auth_reply
+        self.setTimeout(self.provider.command_timeout)
         self._transport.write(line + b"\r\n")
+
+    def _add_sent_secret(self, raw: bytes, always: bool = False) -> None:
+        """Remember a value sent during AUTH, as sent (base64) and as it was before."""
+        self._secrets.add(base64.b64encode(raw).decode("ascii"))
+        text = raw.decode("utf-8", "replace")
+        if always or len(text) >= _MIN_SCRUBBED:
+            self._secrets.add(text)
 
     def _auth_reply(self, code: int, resp: bytes) -> None:
         if code == 235:
@@ -327,13 +524,25 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
             return
         if code == 334 and self._auth_responders:
             responder = self._auth_responders.popleft()
+            failed: str | None = None
+            answer = b""
             try:
                 answer = responder(resp.strip())
-            except ValueError:
+            except UnicodeError:  # a ValueError too: a password that is not UTF-8
+                failed = BAD_PASSWORD
+            except ValueError:  # binascii.Error: a challenge that is not base64
+                failed = f"malformed AUTH {self._auth_mechanism} challenge"
+            except Exception as e:
+                failed = f"cannot answer the AUTH {self._auth_mechanism} challenge: " + (
+                    type(e).__name__
+                )
+            if failed is not None:
                 self._end_auth()
-                self._session_failed("auth", f"malformed AUTH {self._auth_mechanism} challenge")
+                self._session_failed("auth", failed, code=code)
                 return
+            self._add_sent_secret(answer)
             self._auth_credentials_sent = True
+            self.setTimeout(self.provider.command_timeout)
             self._transport.write(base64.b64encode(answer) + b"\r\n")
             return
         # The reply's text is left out on purpose: a server may echo what it was sent.
@@ -342,15 +551,18 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         else:
             detail = f"AUTH {self._auth_mechanism} refused ({code})"
         self._end_auth()
-        self._session_failed("auth", detail)
+        self._session_failed("auth", detail, code=code)
 
     def _end_auth(self) -> None:
-        # The responders hold the password; nothing needs them any more.
+        # The responders and the password are not needed any more (success or failure); the
+        # secrets set stays until the connection is closed, for the texts still to come.
         self._auth_responders.clear()
+        self._password = None
 
     def _session_ready(self, idle_from_now: bool = True) -> None:
         self._become_ready(idle_from_now)
         if not self.ready.called:
+            self._setup_step = "done"
             self.established = True
             self.ready.callback(self)
         elif self.on_ready is not None:
@@ -387,14 +599,14 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
             _log.info(
                 "provider {provider}: server closing an idle connection: {reply}",
                 provider=self.provider.name,
-                reply=_reply_text(code, resp),
+                reply=self._reply_text(code, resp),
             )
             self.quit()
         else:
             _log.debug(
                 "provider {provider}: ignoring unsolicited reply {reply}",
                 provider=self.provider.name,
-                reply=_reply_text(code, resp),
+                reply=self._reply_text(code, resp),
             )
             # The line restarted the timer (TimeoutMixin) with the last period: back to the
             # real deadlines.
@@ -417,7 +629,7 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         _log.info(
             "provider {provider}: keepalive NOOP refused, closing: {reply}",
             provider=self.provider.name,
-            reply=_reply_text(code, resp),
+            reply=self._reply_text(code, resp),
         )
         self.quit()
 
@@ -435,15 +647,24 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
             stage = "protocol"
         code = getattr(exc, "code", -1)
         resp = getattr(exc, "resp", b"")
-        detail = _reply_text(code, resp) if code and code > 0 else str(resp or type(exc).__name__)
-        self._session_failed(stage, detail)
+        if isinstance(code, int) and code > 0:
+            detail = self._reply_text(code, resp)
+        else:
+            detail = self._detail_text(resp or type(exc).__name__)
+        # A reply code only when a reply decided it (our own steps report the rest directly).
+        from_reply = isinstance(exc, smtp.SMTPConnectError | smtp.TLSError | smtp.AUTHDeclinedError)
+        from_reply = from_reply and not isinstance(exc, smtp.TLSRequiredError)
+        reply_code = code if from_reply and isinstance(code, int) and code > 0 else None
+        self._session_failed(stage, detail, code=reply_code)
 
-    def _session_failed(self, stage: str, detail: str) -> None:
-        failure = SessionError(stage, detail)
+    def _session_failed(self, stage: str, detail: str, code: int | None = None) -> None:
+        failure = SessionError(stage, detail, code)
         # CLOSED first: whoever hears of the failure (the pool, through ``ready`` or a result)
         # must already see this client as unable to serve.
         self._leave(_State.CLOSED)
         self.setTimeout(None)
+        self._end_auth()
+        self.resp = []
         if self._transaction is not None:
             self._lose_transaction(f"{stage}: {detail}", failure_class_of_stage(stage))
         if not self.ready.called:
@@ -468,18 +689,26 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         super().connectionLost(reason)
-        detail = reason.getErrorMessage() if isinstance(reason, Failure) else str(reason)
+        raw = reason.getErrorMessage() if isinstance(reason, Failure) else str(reason)
+        detail = self._detail_text(raw)
         self._leave(_State.CLOSED)  # first, as in _session_failed
         self._end_auth()
+        self.resp = []
         if self._transaction is not None:
             self._lose_transaction(f"connection lost: {detail}", FailureClass.LOST)
         if not self.ready.called:
+            # With implicit TLS (or after STARTTLS) a failed handshake shows as an SSL.Error;
+            # otherwise the step in progress says where: the handshake or the EHLO after
+            # STARTTLS is TLS's, the wait for the AUTH reply is AUTH's, anything before is
+            # just a lost connection.
             tls_failed = isinstance(reason, Failure) and reason.check(SSL.Error) is not None
-            # After STARTTLS the loss is most likely the handshake; with implicit TLS a failed
-            # handshake shows as an SSL.Error, and any other loss is just a lost connection.
-            started_tls = self._tlsMode and self.provider.tls == "starttls"
-            stage = "tls" if tls_failed or started_tls else "connect"
-            self.ready.errback(SessionError(stage, f"connection lost during setup: {detail}"))
+            step = self._setup_step
+            stage = "tls" if tls_failed else _LOSS_STAGES.get(step, "connect")
+            self.ready.errback(
+                SessionError(stage, f"connection lost during setup ({step}): {detail}")
+            )
+        # The connection is gone: nothing will need the AUTH secrets again.
+        self._secrets.clear()
         if self.on_closed is not None:
             self.on_closed(self)
 
@@ -487,7 +716,7 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         if self._state in (_State.CLOSING, _State.CLOSED):
             return
         self._leave(_State.CLOSING)
-        self.setTimeout(self.provider.command_timeout)
+        self.setTimeout(min(QUIT_TIMEOUT, self.provider.command_timeout))
         self._expected = _ANY_REPLY
         self._okresponse = self._failresponse = lambda code, resp: self._transport.loseConnection()
         self._transport.write(b"QUIT\r\n")
@@ -498,16 +727,38 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         """Send one message over this ready connection; never fails, every outcome is a result.
 
         A message this session cannot carry is answered at once, nothing is sent and the
-        client stays ready (``is_ready`` after the call tells the caller so).
+        client stays ready (``is_ready`` after the call tells the caller so). A recipient
+        that is not ASCII is answered at once (permanent, class RCPT) and left out of the
+        transaction the others get; a sender that is not ASCII fails the whole message
+        (permanent, class MAIL) without a transaction.
         """
         assert self._state is _State.READY, self._state
+        # Checked before anything changes: an address that cannot be encoded must not leave
+        # the client busy with a Deferred that never fires. We never use SMTPUTF8 (inbound
+        # refuses such addresses today), so the refusal is permanent, and our own (no code).
+        if not message.sender.isascii():
+            return defer.succeed(
+                [
+                    RecipientResult(r, Kind.PERMANENT, NON_ASCII_ADDRESS, failure=FailureClass.MAIL)
+                    for r in message.recipients
+                ]
+            )
+        refused = {
+            r: RecipientResult(r, Kind.PERMANENT, NON_ASCII_ADDRESS, failure=FailureClass.RCPT)
+            for r in message.recipients
+            if not r.isascii()
+        }
+        sendable = [r for r in message.recipients if r not in refused]
+        if not sendable:
+            return defer.succeed([refused[r] for r in message.recipients])
         if message.body_8bit and b"8BITMIME" not in self._extensions:
             # RFC 6152: 8-bit data only to a server that said 8BITMIME. A session class
             # (this provider cannot take the message at all), so the router moves on to a
             # provider that takes it; UNAVAILABLE, our own refusal: not held against it.
             return defer.succeed(
                 [
-                    RecipientResult(
+                    refused.get(r)
+                    or RecipientResult(
                         r, Kind.TEMPORARY, NO_8BITMIME, failure=FailureClass.UNAVAILABLE
                     )
                     for r in message.recipients
@@ -515,6 +766,8 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
             )
         self._state = _State.BUSY
         transaction = _Transaction(message)
+        # The non-ASCII recipients have their answer; the transaction is for the others.
+        transaction.results.update(refused)
         self._transaction = transaction
         params = b""
         if b"SIZE" in self._extensions:
@@ -524,9 +777,7 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         commands: list[tuple[bytes, tuple[str, str]]] = [
             (b"MAIL FROM:<" + message.sender.encode("ascii") + b">" + params, ("MAIL", ""))
         ]
-        commands += [
-            (b"RCPT TO:<" + r.encode("ascii") + b">", ("RCPT", r)) for r in message.recipients
-        ]
+        commands += [(b"RCPT TO:<" + r.encode("ascii") + b">", ("RCPT", r)) for r in sendable]
         commands.append((b"DATA", ("DATA", "")))
         self._expected = _ANY_REPLY
         self._okresponse = self._failresponse = self._transaction_reply
@@ -552,7 +803,7 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         if transaction is None:
             return
         if not transaction.expecting:
-            self._session_failed("protocol", f"unexpected reply {_reply_text(code, resp)}")
+            self._session_failed("protocol", f"unexpected reply {self._reply_text(code, resp)}")
             return
         command, recipient = transaction.expecting.popleft()
         if code == 421:
@@ -580,7 +831,7 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
                 # stay temporary (the body was never sent: certain, not a possible duplicate).
                 self._session_failed(
                     "protocol",
-                    f"unexpected reply to DATA instead of 354: {_reply_text(code, resp)}",
+                    f"unexpected reply to DATA instead of 354: {self._reply_text(code, resp)}",
                 )
                 return
             if code == 354 and transaction.accepted:
@@ -643,7 +894,7 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
             "provider {provider}: server closing the session during {command}: {reply}",
             provider=self.provider.name,
             command=command,
-            reply=_reply_text(code, resp),
+            reply=self._reply_text(code, resp),
         )
         self._finish(transaction, "quit")
 
@@ -660,7 +911,7 @@ class RelayClient(InjectedClockTimeouts, smtp.ESMTPClient):
         transaction.results[recipient] = RecipientResult(
             recipient,
             kind,
-            _reply_text(code, resp),
+            self._reply_text(code, resp),
             failure=None if kind is Kind.DELIVERED else failure,
             code=code,
         )

@@ -24,6 +24,7 @@ from mailrelay.outbound.results import (
     IProvider,
     Kind,
     OutboundMessage,
+    Progress,
     RecipientResult,
     all_results,
 )
@@ -45,7 +46,10 @@ class MaildirProvider:
         # The host part of a Maildir name may not contain '/' or ':'.
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
-    def deliver(self, message: OutboundMessage) -> defer.Deferred[list[RecipientResult]]:
+    def deliver(
+        self, message: OutboundMessage, progress: Progress | None = None
+    ) -> defer.Deferred[list[RecipientResult]]:
+        # One write per message: there is no partial progress to report.
         unique = f"M{message.queue_id}P{os.getpid()}Q{next(self._counter)}"
         name = f"{int(self._clock.seconds())}.{unique}.{self._host}"
         d = self._runner.run(self._write, name, message)

@@ -35,19 +35,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 import attrs
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.ssl import (
-    Certificate,
-    PrivateCertificate,
-    optionsForClientTLS,
-    platformTrust,
-)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -62,9 +55,11 @@ from mailrelay.outbound.results import (
     IProvider,
     Kind,
     OutboundMessage,
+    Progress,
     RecipientResult,
     all_results,
 )
+from mailrelay.outbound.tls import client_tls_options
 
 # How long close() lets busy connections finish their message before aborting them: long
 # enough for a typical final reply, short enough for a prompt stop. A process manager must
@@ -73,28 +68,6 @@ SHUTDOWN_GRACE = 20.0
 
 
 _BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
-
-
-def client_tls_options(provider: ProviderConfig) -> Any | None:
-    """Verified TLS (chain and name, via service_identity; SNI with the same name), with the
-    client certificate if one is configured; None for tls = "none"."""
-    if provider.tls == "none":
-        return None
-    if provider.ca_file is not None:
-        trust: Any = Certificate.loadPEM(Path(provider.ca_file).read_bytes())
-    else:
-        trust = platformTrust()
-    client_certificate = None
-    if provider.client_cert is not None:
-        pem = Path(provider.client_cert).read_bytes()
-        if provider.client_key is not None:
-            pem += b"\n" + Path(provider.client_key).read_bytes()
-        client_certificate = PrivateCertificate.loadPEM(pem)
-    return optionsForClientTLS(
-        provider.tls_name or provider.host,
-        trustRoot=trust,
-        clientCertificate=client_certificate,
-    )
 
 
 def _utc(seconds: float) -> str:
@@ -142,6 +115,8 @@ class SMTPProvider:
             on_probe=self._probe,
             on_change=self._breaker_changed,
         )
+        # True from a failed connection setup until a session comes up.
+        self._setup_failing = False
         # The half-open probe's client, from its connection attempt until its session is up.
         self._probe_client: RelayClient | None = None
         metrics.upstream_breaker_state.labels(self.name).set(0)
@@ -155,21 +130,28 @@ class SMTPProvider:
     def _connecting(self) -> int:
         return len(self._attempts)
 
+    def _live_clients(self) -> int:
+        """Connections that may still carry mail (not those already saying QUIT)."""
+        return sum(1 for c in self._clients if c.may_serve)
+
     def _may_serve(self) -> bool:
         """Could anything still serve the waiting messages (an attempt, a live session)?"""
         return bool(self._attempts) or any(c.may_serve for c in self._clients)
 
-    def deliver(self, message: OutboundMessage) -> defer.Deferred[list[RecipientResult]]:
+    def deliver(
+        self, message: OutboundMessage, progress: Progress | None = None
+    ) -> defer.Deferred[list[RecipientResult]]:
         size = self.config.batch_size
         if not size or len(message.recipients) <= size:
             return self._enqueue(message)
-        return defer.Deferred.fromCoroutine(self._deliver_in_batches(message, size))
+        return defer.Deferred.fromCoroutine(self._deliver_in_batches(message, size, progress))
 
     async def _deliver_in_batches(
-        self, message: OutboundMessage, size: int
+        self, message: OutboundMessage, size: int, progress: Progress | None
     ) -> list[RecipientResult]:
         """One transaction per ``size`` recipients, ``batch_delay`` apart, results merged in
-        the message's recipient order."""
+        the message's recipient order; each batch's results but the last's reported to
+        ``progress`` before the next batch starts."""
         recipients = message.recipients
         results: list[RecipientResult] = []
         for start in range(0, len(recipients), size):
@@ -178,12 +160,18 @@ class SMTPProvider:
             batch = attrs.evolve(message, recipients=recipients[start : start + size])
             part = await self._enqueue(batch)
             results += part
+            rest = recipients[start + size :]
+            if not rest:
+                break
             if part and all(r.failure is not None and r.failure.is_session for r in part):
                 # The provider took nothing (down, breaker open, shutting down): the other
-                # batches would fare the same, so they go on to the next provider now.
-                rest = recipients[start + size :]
-                results += [attrs.evolve(part[0], recipient=r) for r in rest]
+                # batches would fare the same, so they go on to the next provider now. Never
+                # sent, so neither uncertain nor answered with a code.
+                unsent = attrs.evolve(part[0], uncertain=False, code=None)
+                results += [attrs.evolve(unsent, recipient=r) for r in rest]
                 break
+            if progress is not None:
+                await progress(part)
         return results
 
     def _refusal(self) -> tuple[str, FailureClass] | None:
@@ -248,6 +236,9 @@ class SMTPProvider:
             and len(self._waiting) > self._connecting + self._setting_up()
             and len(self._clients) + self._connecting
             < self.limits.connection_limit(self._reactor.seconds())
+            # After a failed setup, one attempt at a time until a session comes up: a burst
+            # of parallel logins with bad credentials is how accounts get locked.
+            and not (self._setup_failing and self._connecting + self._setting_up())
         ):
             if not self._connect():
                 # Failed before connecting (no password, ...): once per dispatch is enough;
@@ -280,20 +271,24 @@ class SMTPProvider:
             for r in results
         )
         if throttled:
-            self.limits.throttled(now)
-            self._metrics.upstream_throttled.labels(self.name).inc()
-            self.log.warn(
-                "provider {provider} is throttling us: slowing down to {factor:.0%} of the"
-                " configured pace",
-                provider=self.name,
-                factor=self.limits.throttle.factor(now),
-            )
+            self._throttled(now)
         elif any(f.counts_against_provider for f in failures):
             if self.breaker.state is BreakerState.CLOSED:
                 self.breaker.record_failure()
         elif any(r.code is not None for r in results):
             self.breaker.record_success()  # the upstream answered the transaction
         return results
+
+    def _throttled(self, now: float) -> None:
+        self.limits.throttled(now)
+        self._metrics.upstream_throttled.labels(self.name).inc()
+        self.log.warn(
+            "provider {provider} is throttling us: slowing down to {factor:.0%} of the"
+            " configured pace, {connections} connection(s)",
+            provider=self.name,
+            factor=self.limits.throttle.factor(now),
+            connections=self.limits.connection_limit(now),
+        )
 
     def _fail_waiting(self, reply: str, failure: FailureClass) -> None:
         waiting, self._waiting = self._waiting, deque()
@@ -402,10 +397,17 @@ class SMTPProvider:
             raise SessionError("auth", f"{where} is not set")
         if not password:
             raise SessionError("auth", f"{where} is empty")
+        try:
+            password.encode("utf-8")
+        except UnicodeEncodeError:
+            # Undecodable bytes in the variable (os.environ keeps them as surrogates); the
+            # error names neither the bytes nor where they are.
+            raise SessionError("auth", f"{where} is not valid UTF-8") from None
         return password
 
     def _connected(self, client: RelayClient) -> None:
         self._metrics.upstream_connections.labels(self.name, "ok").inc()
+        self._setup_failing = False
         if client is self._probe_client:
             self._probe_client = None
             self.breaker.record_success()  # the probe's session is up: traffic may return
@@ -426,12 +428,27 @@ class SMTPProvider:
         )
         if probe:
             self._probe_client = None
+        self._setup_failing = True
         failure_class = failure_class_of_stage(stage)
+        code = getattr(error, "code", None)
+        now = self._reactor.seconds()
         if not self._may_serve():
             self._fail_waiting(
                 f"provider {self.name} unavailable ({stage}: {detail})", failure_class
             )
-        if failure_class.counts_against_provider and (
+        if (
+            stage == "greeting"
+            and code is not None
+            and is_throttling_reply(code, detail)
+            and any(c.established and c.may_serve for c in self._clients)
+        ):
+            # "421 too many connections" while our other sessions deliver: the provider is
+            # up and limits us; fewer connections, not a failover of the whole queue.
+            self._throttled(now)
+        elif stage == "auth" and code is not None and 500 <= code < 600:
+            # Credentials rejected: asking again soon only counts toward a lockout.
+            self.breaker.trip()
+        elif failure_class.counts_against_provider and (
             probe or self.breaker.state is BreakerState.CLOSED
         ):
             # May open it, which answers whatever still waits. While half-open only the
@@ -449,7 +466,7 @@ class SMTPProvider:
             self._closing
             or client.messages_sent >= self.config.max_messages_per_connection
             or client.too_old
-            or len(self._clients) > self.limits.connection_limit(self._reactor.seconds())
+            or self._live_clients() > self.limits.connection_limit(self._reactor.seconds())
         ):
             client.quit()  # still counted in _clients until it is gone
         else:

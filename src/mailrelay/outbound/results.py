@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import Literal
 
@@ -107,6 +108,11 @@ class OutboundMessage:
     body_8bit: bool = False
 
 
+# Called by a provider that sends a message in several transactions (recipient batches) with
+# the results of each transaction but the last, so they are journalled before the next one:
+# a crash between batches must not send the earlier batches again.
+Progress = Callable[[list[RecipientResult]], Awaitable[None]]
+
 OnTemporary = Literal["next", "defer"]
 OnPermanent = Literal["fail", "next"]
 
@@ -121,8 +127,12 @@ class IProvider(Interface):
         "'fail': a 5xx to a recipient is final; 'next': the next provider is tried."
     )
 
-    def deliver(message: OutboundMessage) -> defer.Deferred[list[RecipientResult]]:
-        """One result per recipient of ``message``. Never fails: a failure is a result."""
+    def deliver(
+        message: OutboundMessage, progress: Progress | None = None
+    ) -> defer.Deferred[list[RecipientResult]]:
+        """One result per recipient of ``message``. Never fails: a failure is a result.
+        ``progress``, if given, is awaited with each finished transaction's results but the
+        last's (see Progress)."""
 
     def close() -> defer.Deferred[None]:
         """Stop taking work and close connections politely."""

@@ -72,7 +72,8 @@ class Router:
     ) -> defer.Deferred[list[RoutedResult]]:
         """One result per recipient. ``record`` is awaited with the recipients a provider
         settled (delivered or failed for good) before the rest go on to the next provider,
-        so an upstream's 250 is made durable without waiting for the rest of the chain."""
+        and after each recipient batch but the last, so an upstream's 250 is made durable
+        without waiting for the rest of the chain or of the message."""
         return defer.Deferred.fromCoroutine(self._deliver(message, record))
 
     async def _deliver(
@@ -80,24 +81,46 @@ class Router:
     ) -> list[RoutedResult]:
         chain = self.chain_for(message.sender)
         outcome: dict[str, RoutedResult] = {}
+        recorded: set[str] = set()
         remaining = message.recipients
+
+        async def record_settled(
+            results: list[RecipientResult], provider: IProvider, has_next: bool
+        ) -> None:
+            # What this provider settled for good, not yet journalled.
+            routed = [
+                RoutedResult(r, provider.name)
+                for r in results
+                if r.kind is not Kind.TEMPORARY
+                and not (has_next and moves_on(r, provider))
+                and r.recipient not in recorded
+            ]
+            if routed and record is not None:
+                await record(routed)
+                recorded.update(r.result.recipient for r in routed)
+
         for index, provider in enumerate(chain):
             if not remaining:
                 break
-            results = await provider.deliver(attrs.evolve(message, recipients=remaining))
             has_next = index + 1 < len(chain)
+
+            async def progress(
+                part: list[RecipientResult],
+                provider: IProvider = provider,
+                has_next: bool = has_next,
+            ) -> None:
+                # One batch of several is done: what it settled is journalled before the
+                # next batch, so a crash in between never sends it again.
+                await record_settled(part, provider, has_next)
+
+            results = await provider.deliver(attrs.evolve(message, recipients=remaining), progress)
             passed_on: list[RecipientResult] = []
-            settled_here: list[RoutedResult] = []
             for result in results:
-                routed = RoutedResult(result, provider.name)
-                outcome[result.recipient] = routed
+                outcome[result.recipient] = RoutedResult(result, provider.name)
                 if has_next and moves_on(result, provider):
                     passed_on.append(result)
-                elif result.kind is not Kind.TEMPORARY:
-                    settled_here.append(routed)
-            if passed_on and settled_here and record is not None:
-                await record(settled_here)
             if passed_on:
+                await record_settled(results, provider, has_next)
                 self.log.warn(
                     "{queue_id} provider {provider} failed for {count} recipient(s), trying"
                     " {next_provider}: {reply}",
