@@ -9,15 +9,11 @@ import pytest
 from twisted.internet import error
 from twisted.internet.task import Clock
 
-from mailrelay.outbound.client import (
-    NO_8BITMIME,
-    QUIT_TIMEOUT,
-    RelayClient,
-    SessionError,
-    failure_class_of_stage,
-)
+from mailrelay.outbound.client import QUIT_TIMEOUT, RelayClient
 from mailrelay.outbound.payload import build_data_payload
 from mailrelay.outbound.results import FailureClass, Kind, OutboundMessage, RecipientResult
+from mailrelay.outbound.session import SessionError, failure_class_of_stage
+from mailrelay.outbound.transaction import NO_8BITMIME
 from tests.unit.fakes import (
     EHLO_PIPELINING,
     EHLO_PLAIN,

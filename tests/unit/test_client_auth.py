@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mailrelay.outbound.client import SessionError
+from mailrelay.outbound.session import SessionError
 from tests.unit.fakes import LogCapture, has_fired, message, result_of
 from tests.unit.test_client import PASSWORD, Session
 

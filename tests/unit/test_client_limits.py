@@ -11,15 +11,15 @@ from twisted.internet import error
 from twisted.internet.address import IPv6Address
 from twisted.mail import smtp
 
-from mailrelay.outbound.client import (
+from mailrelay.outbound.replies import (
     MAX_LINE_LENGTH,
     MAX_REPLY_LINES,
     MAX_REPLY_TEXT,
-    NON_ASCII_ADDRESS,
-    SessionError,
     _clean_text,
 )
 from mailrelay.outbound.results import FailureClass, Kind
+from mailrelay.outbound.session import SessionError
+from mailrelay.outbound.transaction import NON_ASCII_ADDRESS
 from tests.unit.fakes import (
     EHLO_PIPELINING,
     TIMEOUTS,

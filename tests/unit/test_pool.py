@@ -17,9 +17,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from mailrelay.metrics import Metrics
-from mailrelay.outbound.client import NO_8BITMIME
 from mailrelay.outbound.pool import SHUTDOWN_GRACE, SMTPProvider
 from mailrelay.outbound.results import IProvider, Kind, OutboundMessage
+from mailrelay.outbound.transaction import NO_8BITMIME
 from tests.unit.fakes import (
     EHLO_PIPELINING,
     EHLO_PLAIN,

@@ -48,7 +48,7 @@ from zope.interface import implementer
 from mailrelay.config import ProviderConfig
 from mailrelay.metrics import Metrics
 from mailrelay.outbound.breaker import BreakerState, CircuitBreaker
-from mailrelay.outbound.client import RelayClient, SessionError, failure_class_of_stage
+from mailrelay.outbound.client import RelayClient
 from mailrelay.outbound.limits import ProviderLimits, is_throttling_reply
 from mailrelay.outbound.results import (
     FailureClass,
@@ -59,6 +59,7 @@ from mailrelay.outbound.results import (
     RecipientResult,
     all_results,
 )
+from mailrelay.outbound.session import SessionError, failure_class_of_stage
 from mailrelay.outbound.tls import client_tls_options
 
 # How long close() lets busy connections finish their message before aborting them: long
