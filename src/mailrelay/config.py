@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import attrs
 
-from mailrelay.netaddr import is_loopback_host
+from mailrelay.netaddr import is_loopback_host, parse_network
 
 T = TypeVar("T")
 
@@ -49,6 +49,30 @@ class SMTPConfig:
     idle_timeout: float = 300.0
     session_timeout: float = 3600.0
     max_errors: int = 20
+    # Networks (CIDR) whose clients may connect besides loopback and UNIX sockets, e.g. the app
+    # servers or HAProxy in front of a pool. Empty: loopback only, and smtp.listen must stay on
+    # loopback; set, a non-loopback listen address is allowed and only these peers get in.
+    allow_networks: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class LimitsConfig:
+    """Inbound limits beyond smtp's. Rates are per second (0: off); bursts are how many may go
+    at once after a quiet spell. Keys are the client address (IPv4-mapped unwrapped, every
+    UNIX-socket client one key) and the envelope sender (lower-cased, ``<>`` its own key)."""
+
+    # Connections open at once from one client address (0: only smtp.max_connections applies).
+    connections_per_peer: int = 50
+    # New connections per second from one client address (421 4.7.0 at connect).
+    connection_rate: float = 0.0
+    connection_burst: int = 20
+    # MAIL commands per second from one client address / for one envelope sender (451 4.7.1).
+    messages_per_client: float = 0.0
+    client_burst: int = 50
+    messages_per_sender: float = 0.0
+    sender_burst: int = 50
+    # Keys each rate limiter tracks at most; past that the key used longest ago is forgotten.
+    max_tracked_keys: int = 100_000
 
 
 @attrs.frozen
@@ -153,6 +177,7 @@ class Config:
     smtp: SMTPConfig = SMTPConfig()
     http: HTTPConfig = HTTPConfig()
     spool: SpoolConfig = SpoolConfig()
+    limits: LimitsConfig = LimitsConfig()
     providers: tuple[ProviderConfig, ...] = DEFAULT_PROVIDERS
     routing: RoutingConfig = RoutingConfig()
     source: str | None = None  # the file it came from; None means the embedded default
@@ -188,10 +213,11 @@ def load(path: str | os.PathLike[str] | None) -> Config:
 
 
 def parse(data: Mapping[str, Any], source: str | None = "<string>") -> Config:
-    _no_unknown_keys(data, {"smtp", "http", "spool", "providers", "routing"}, "")
+    _no_unknown_keys(data, {"smtp", "http", "spool", "limits", "providers", "routing"}, "")
     smtp = _section(data, "smtp", _parse_smtp)
     http = _section(data, "http", _parse_http)
     spool = _section(data, "spool", _parse_spool)
+    limits = _section(data, "limits", _parse_limits)
 
     if "providers" in data:
         raw_providers = data["providers"]
@@ -224,6 +250,7 @@ def parse(data: Mapping[str, Any], source: str | None = "<string>") -> Config:
         smtp=smtp,
         http=http,
         spool=spool,
+        limits=limits,
         providers=providers,
         routing=routing,
         source=source,
@@ -239,11 +266,18 @@ def _section(
 def _parse_smtp(t: Mapping[str, Any], key: str) -> SMTPConfig:
     d = SMTPConfig()
     _no_unknown_keys(t, attrs.fields_dict(SMTPConfig).keys(), key)
+    allow_networks = _networks(t, "allow_networks", key)
     listen = _endpoint_list(t, "listen", key, d.listen)
     for i, desc in enumerate(listen):
-        _check_server_endpoint(desc, f"{key}.listen[{i}]", loopback_only=True)
+        _check_server_endpoint(
+            desc,
+            f"{key}.listen[{i}]",
+            loopback_only=not allow_networks,
+            hint=f" (set {key}.allow_networks to accept clients from other networks)",
+        )
     return SMTPConfig(
         listen=listen,
+        allow_networks=allow_networks,
         hostname=_hostname(t, "hostname", key, d.hostname),
         max_message_size=_int(t, "max_message_size", key, d.max_message_size, minimum=1024),
         max_recipients=_int(t, "max_recipients", key, d.max_recipients, minimum=1),
@@ -251,6 +285,27 @@ def _parse_smtp(t: Mapping[str, Any], key: str) -> SMTPConfig:
         idle_timeout=_seconds(t, "idle_timeout", key, d.idle_timeout),
         session_timeout=_seconds(t, "session_timeout", key, d.session_timeout),
         max_errors=_int(t, "max_errors", key, d.max_errors, minimum=1),
+    )
+
+
+def _parse_limits(t: Mapping[str, Any], key: str) -> LimitsConfig:
+    d = LimitsConfig()
+    _no_unknown_keys(t, attrs.fields_dict(LimitsConfig).keys(), key)
+
+    def rate(name: str, default: float) -> float:
+        return _seconds(t, name, key, default, zero_ok=True, what="a number per second")
+
+    return LimitsConfig(
+        connections_per_peer=_int(
+            t, "connections_per_peer", key, d.connections_per_peer, minimum=0
+        ),
+        connection_rate=rate("connection_rate", d.connection_rate),
+        connection_burst=_int(t, "connection_burst", key, d.connection_burst, minimum=1),
+        messages_per_client=rate("messages_per_client", d.messages_per_client),
+        client_burst=_int(t, "client_burst", key, d.client_burst, minimum=1),
+        messages_per_sender=rate("messages_per_sender", d.messages_per_sender),
+        sender_burst=_int(t, "sender_burst", key, d.sender_burst, minimum=1),
+        max_tracked_keys=_int(t, "max_tracked_keys", key, d.max_tracked_keys, minimum=1),
     )
 
 
@@ -552,7 +607,24 @@ def _endpoint_list(
     return tuple(value)
 
 
-def _check_server_endpoint(description: str, key: str, loopback_only: bool) -> None:
+def _networks(t: Mapping[str, Any], name: str, key: str) -> tuple[str, ...]:
+    """A list of CIDRs (may be empty), each checked and written in its normal form."""
+    value = t.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f'{key}.{name}: must be a list of networks, e.g. ["10.0.0.0/8"]')
+    networks: list[str] = []
+    for i, text in enumerate(value):
+        try:
+            network = str(parse_network(text))
+        except ValueError as e:
+            raise ConfigError(f"{key}.{name}[{i}]: {e}") from None
+        if network in networks:
+            raise ConfigError(f"{key}.{name}[{i}]: {text!r} is listed twice")
+        networks.append(network)
+    return tuple(networks)
+
+
+def _check_server_endpoint(description: str, key: str, loopback_only: bool, hint: str = "") -> None:
     """Check an endpoint string without opening it: syntax, and that it stays on loopback."""
     from mailrelay.endpoints import EndpointError, parse_server_endpoint
 
@@ -561,4 +633,6 @@ def _check_server_endpoint(description: str, key: str, loopback_only: bool) -> N
     except EndpointError as e:
         raise ConfigError(f"{key}: {e}") from None
     if loopback_only and listen.interface is not None and not is_loopback_host(listen.interface):
-        raise ConfigError(f"{key}: listens on {listen.interface}, which is not a loopback address")
+        raise ConfigError(
+            f"{key}: listens on {listen.interface}, which is not a loopback address{hint}"
+        )

@@ -18,7 +18,8 @@ class Metrics:
         Info("mailrelay", "mailrelay build information", registry=r).info({"version": __version__})
         self.connections = Counter(
             "mailrelay_smtp_connections_total",
-            "Inbound SMTP connections, by result (accepted or refused).",
+            "Inbound SMTP connections, by result: accepted, refused_nonlocal, refused_limit,"
+            " refused_peer_limit, refused_rate.",
             ["result"],
             registry=r,
         )
@@ -36,6 +37,42 @@ class Metrics:
             "mailrelay_messages_rejected_total",
             "Transactions refused at MAIL, DATA or the final dot, by reason.",
             ["reason"],
+            registry=r,
+        )
+        self.recipients_rejected = Counter(
+            "mailrelay_recipients_rejected_total",
+            "RCPT commands refused by an inbound limit, by reason (too_many: smtp.max_recipients).",
+            ["reason"],
+            registry=r,
+        )
+        self.sessions_closed = Counter(
+            "mailrelay_smtp_sessions_closed_total",
+            "Inbound SMTP sessions closed by the server for a limit, by reason: idle_timeout,"
+            " session_timeout, too_many_errors.",
+            ["reason"],
+            registry=r,
+        )
+        self.smtp_open_connections = Gauge(
+            "mailrelay_smtp_open_connections",
+            "Inbound SMTP sessions open now.",
+            registry=r,
+        )
+        self.inbound_limit = Gauge(
+            "mailrelay_inbound_limit",
+            "Configured inbound limits, by name (0: off): the smtp.* and limits.* keys.",
+            ["limit"],
+            registry=r,
+        )
+        self.ratelimit_keys = Gauge(
+            "mailrelay_ratelimit_tracked_keys",
+            "Keys an inbound rate limiter holds now, by limiter: connection, client, sender.",
+            ["limiter"],
+            registry=r,
+        )
+        self.ratelimit_evictions = Counter(
+            "mailrelay_ratelimit_evictions_total",
+            "Keys forgotten by a full inbound rate limiter (limits.max_tracked_keys), by limiter.",
+            ["limiter"],
             registry=r,
         )
         self.acceptance_seconds = Histogram(

@@ -243,7 +243,13 @@ def buildService(
         else None
     )
     factory = RelaySMTPFactory(
-        config.smtp, reactor, spool, queue.enqueue, metrics, free_space=free_space
+        config.smtp,
+        reactor,
+        spool,
+        queue.enqueue,
+        metrics,
+        free_space=free_space,
+        limits=config.limits,
     )
     for description in _listen_endpoints(config):
         strports.service(description, factory).setServiceParent(top)

@@ -206,6 +206,55 @@ def test_implicit_tls_defaults_to_port_465() -> None:
             "providers[0].breaker_max_cooldown: must not be less than breaker_cooldown",
         ),
         ("[log]\nformat = 'json'\n", "log: unknown key"),
+        (
+            "[smtp]\nlisten = ['tcp:2525']\n",
+            "(set smtp.allow_networks to accept clients from other networks)",
+        ),
+        (
+            "[smtp]\nallow_networks = '10.0.0.0/8'\n",
+            "smtp.allow_networks: must be a list of networks",
+        ),
+        (
+            "[smtp]\nallow_networks = ['10.0.0.0/8', 'ten']\n",
+            "smtp.allow_networks[1]: not an IP address or network (CIDR): 'ten'",
+        ),
+        (
+            "[smtp]\nallow_networks = ['10.0.0.1/8']\n",
+            "smtp.allow_networks[0]: '10.0.0.1/8' has host bits set (did you mean '10.0.0.0/8'?)",
+        ),
+        ("[smtp]\nallow_networks = ['0.0.0.0/0']\n", "smtp.allow_networks[0]: '0.0.0.0/0' would"),
+        ("[smtp]\nallow_networks = ['::/0']\n", "smtp.allow_networks[0]: '::/0' would admit"),
+        (
+            "[smtp]\nallow_networks = ['::ffff:10.0.0.0/104']\n",
+            "smtp.allow_networks[0]: '::ffff:10.0.0.0/104' is IPv4-mapped",
+        ),
+        (
+            "[smtp]\nallow_networks = ['10.0.0.0/8', '10.0.0.0/8']\n",
+            "smtp.allow_networks[1]: '10.0.0.0/8' is listed twice",
+        ),
+        (
+            "[smtp]\nallow_networks = ['10.0.0.0/8']\n[http]\nlisten = 'tcp:8025'\n",
+            "http.listen: listens on 0.0.0.0",  # allow_networks is for SMTP only
+        ),
+        (
+            "[limits]\nconnections_per_peer = -1\n",
+            "limits.connections_per_peer: must be at least 0",
+        ),
+        (
+            "[limits]\nmessages_per_client = -1\n",
+            "limits.messages_per_client: must not be negative",
+        ),
+        (
+            "[limits]\nmessages_per_sender = 'fast'\n",
+            "limits.messages_per_sender: must be a number per second",
+        ),
+        ("[limits]\nconnection_rate = nan\n", "limits.connection_rate: must be a finite number"),
+        ("[limits]\nclient_burst = 0\n", "limits.client_burst: must be at least 1"),
+        ("[limits]\nsender_burst = 1.5\n", "limits.sender_burst: must be an integer"),
+        ("[limits]\nconnection_burst = 0\n", "limits.connection_burst: must be at least 1"),
+        ("[limits]\nmax_tracked_keys = 0\n", "limits.max_tracked_keys: must be at least 1"),
+        ("[limits]\nper_ip = 3\n", "limits.per_ip: unknown key"),
+        ("limits = 3\n", "limits: must be a table"),
         ("smtp = 3\n", "smtp: must be a table"),
     ],
 )
@@ -262,6 +311,42 @@ def test_shaping_and_policy_keys() -> None:
     assert a.auth_mechanisms == ("LOGIN", "PLAIN")
 
 
+def test_limits_defaults() -> None:
+    limits = parse_text("").limits
+    assert limits.connections_per_peer == 50
+    assert (limits.connection_rate, limits.connection_burst) == (0.0, 20)
+    assert (limits.messages_per_client, limits.client_burst) == (0.0, 50)
+    assert (limits.messages_per_sender, limits.sender_burst) == (0.0, 50)
+    assert limits.max_tracked_keys == 100_000
+    assert parse_text("").smtp.allow_networks == ()
+
+
+def test_limits_keys() -> None:
+    limits = parse_text(
+        "[limits]\nconnections_per_peer = 0\nconnection_rate = 2\nconnection_burst = 5\n"
+        "messages_per_client = 0.5\nclient_burst = 10\nmessages_per_sender = 1\n"
+        "sender_burst = 3\nmax_tracked_keys = 5000\n"
+    ).limits
+    assert limits.connections_per_peer == 0
+    assert (limits.connection_rate, limits.connection_burst) == (2.0, 5)
+    assert (limits.messages_per_client, limits.client_burst) == (0.5, 10)
+    assert (limits.messages_per_sender, limits.sender_burst) == (1.0, 3)
+    assert limits.max_tracked_keys == 5000
+
+
+def test_non_loopback_listen_needs_allow_networks() -> None:
+    config = parse_text(
+        "[smtp]\nlisten = ['tcp:2525:interface=10.1.2.3', 'tcp6:2525']\n"
+        "allow_networks = ['10.0.0.0/8', '2001:DB8::/32', '192.0.2.7']\n"
+    )
+    assert config.smtp.allow_networks == ("10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32")
+    assert config.smtp.listen == ("tcp:2525:interface=10.1.2.3", "tcp6:2525")
+    # Loopback listeners with allow_networks set are fine too (nothing else can reach them).
+    assert (
+        parse_text("[smtp]\nallow_networks = ['10.0.0.0/8']\n").smtp.listen[0].endswith("127.0.0.1")
+    )
+
+
 def test_sender_domain_chains() -> None:
     config = parse_text(
         "[[providers]]\nname='a'\nhost='a.example'\n[[providers]]\nname='b'\nhost='b.example'\n"
@@ -284,6 +369,9 @@ def test_rendered_config_parses_back_to_the_same_values() -> None:
     assert again.providers == config.providers
     assert again.smtp == config.smtp and again.spool == config.spool
     assert again.routing == config.routing
+    with_networks = parse_text("[smtp]\nlisten='tcp:2525'\nallow_networks=['10.0.0.0/8']\n")
+    again = parse(tomllib.loads(render_config(with_networks)))
+    assert again.smtp == with_networks.smtp
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ and shared/twisted-pitfalls.md (items 1-14).
 
 from __future__ import annotations
 
+import email.utils
 import errno
 import os
 from collections.abc import Callable
@@ -261,7 +262,12 @@ def test_transaction_with_three_recipients_makes_exactly_one_spool_file(
     assert stored.envelope.helo == "client.test"
     assert stored.envelope.body_8bit is False
 
-    message = b"Subject: t\r\n\r\n.starts with a dot\r\n.\r\n..\r\nend\r\n"
+    # Byte for byte, plus the Date: and Message-ID: the header lacked (headers.py).
+    added = (
+        f"Date: {email.utils.formatdate(s.clock.seconds(), localtime=True)}\r\n"
+        f"Message-ID: <{queue_id}@{HOSTNAME}>\r\n"
+    ).encode()
+    message = b"Subject: t\r\n" + added + b"\r\n.starts with a dot\r\n.\r\n..\r\nend\r\n"
     assert stored.body.endswith(message)
     received = stored.body[: -len(message)]
     assert received.startswith(
@@ -301,13 +307,18 @@ def test_two_transactions_in_one_session_make_two_files(session: SessionMaker) -
     assert len(s.queue_files()) == 2
 
 
-def test_empty_message_is_spooled_with_only_the_received_header(session: SessionMaker) -> None:
+def test_empty_message_is_spooled_with_received_date_and_message_id(
+    session: SessionMaker,
+) -> None:
     s = session()
     s.start_data()
     s.send(b".\r\n")
     assert s.codes() == ["250 2.0.0"]
     [stored] = s.stored()
-    assert stored.body.startswith(b"Received: ") and stored.body.count(b"\r\n") == 4
+    assert stored.body.startswith(b"Received: ") and stored.body.count(b"\r\n") == 6
+    assert stored.body.endswith(
+        f"\r\nMessage-ID: <{stored.envelope.queue_id}@{HOSTNAME}>\r\n".encode()
+    )
 
 
 @pytest.mark.parametrize(
@@ -694,6 +705,22 @@ def test_data_line_of_exactly_1000_octets_is_accepted_and_stored(session: Sessio
     assert s.codes() == ["250 2.0.0"]
     [stored] = s.stored()
     assert stored.body.endswith(b"\r\n" + line)
+
+
+def test_a_dot_stuffed_line_may_be_one_octet_longer(session: SessionMaker) -> None:
+    """RFC 5321 4.5.3.1.6: the 1000 octets do not count the dot added by stuffing; the next
+    octet is one too many."""
+    s = session()
+    s.start_data()
+    s.send(b"." + b"." + b"y" * 997 + b"\r\n")  # 998 octets of content, stuffed
+    s.send(b".\r\n")
+    assert s.codes() == ["250 2.0.0"]
+    [stored] = s.stored()
+    assert stored.body.endswith(b"\r\n." + b"y" * 997 + b"\r\n")
+    s = session()
+    s.start_data()
+    s.send(b".." + b"y" * 998 + b"\r\n")
+    assert s.replies() == ["500 5.5.2 Line too long, closing connection"]
 
 
 def test_overlong_data_line_closes_and_the_rest_is_never_run_as_commands(

@@ -45,7 +45,7 @@ def _toml_value(value: Any) -> str:
 def render_config(config: Config) -> str:
     """The effective configuration as TOML. It holds no secret, only where secrets come from."""
     out = [f"# effective configuration, from {config.source or 'the embedded default'}"]
-    for section in ("smtp", "http", "spool"):
+    for section in ("smtp", "limits", "http", "spool"):
         out.append(f"\n[{section}]")
         for key, value in attrs.asdict(getattr(config, section)).items():
             out.append(f"{key} = {_toml_value(value)}")

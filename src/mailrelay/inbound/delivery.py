@@ -4,12 +4,17 @@ The stock server builds one IMessage per recipient and fans every line out to ea
 ``IRelayDelivery`` adds ``openMessage`` so the protocol opens one message for the whole
 envelope; ``validateTo`` still returns a working per-recipient factory, so the object honours
 the plain ``IMessageDelivery`` contract too.
+
+What is stored is our Received header, then the client's message byte for byte except for the
+``Date:`` and ``Message-ID:`` fields added when its header lacks them (``headers.py`` says
+where and how). The protocol counts the message size limit over the client's bytes only, so a
+message at the limit is still accepted; the size logged (and the stored body) includes the
+header fields we add.
 """
 
 from __future__ import annotations
 
-import email.utils
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -19,8 +24,9 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from zope.interface import implementer
 
+from mailrelay.inbound.headers import HeaderCompleter, message_date, message_id, sanitize_host
 from mailrelay.metrics import Metrics
-from mailrelay.netaddr import is_local_peer
+from mailrelay.netaddr import IPNetwork, peer_allowed
 from mailrelay.spool.format import Envelope
 from mailrelay.spool.store import MessageWriter, Spool
 
@@ -61,18 +67,25 @@ class IncomingMessage:
         self,
         writer: MessageWriter,
         on_durable: Callable[[Envelope, int], None],
+        headers: HeaderCompleter,
     ) -> None:
         self._writer = writer
         self._on_durable = on_durable
+        self._headers = headers
         self.queue_id = writer.envelope.queue_id
 
     def write(self, data: bytes) -> None:
-        self._writer.write(data)
+        out = self._headers.feed(data)
+        if out:
+            self._writer.write(out)
 
     def lineReceived(self, line: bytes) -> None:
-        self._writer.write(line + b"\r\n")
+        self.write(line + b"\r\n")
 
     def commit(self) -> defer.Deferred[str]:
+        rest = self._headers.finish()
+        if rest:
+            self._writer.write(rest)
         d = self._writer.commit()
 
         def durable(queue_id: str) -> str:
@@ -105,8 +118,10 @@ class RelayDelivery:
         clock: IReactorTime,
         on_accepted: Callable[[Envelope], None],
         metrics: Metrics,
+        allow_networks: Iterable[IPNetwork] = (),
     ) -> None:
         self._peer = peer
+        self._allow_networks = tuple(allow_networks)
         self._hostname = hostname
         self._spool = spool
         self._clock = clock
@@ -115,8 +130,8 @@ class RelayDelivery:
         self._received_header = b""
 
     def _require_local_peer(self) -> None:
-        # Defence in depth: the factory already refused non-local peers in buildProtocol.
-        if not is_local_peer(self._peer):
+        # Defence in depth: the factory already refused these peers in buildProtocol.
+        if not peer_allowed(self._peer, self._allow_networks):
             raise smtp.SMTPServerError(554, "5.7.1 Relay access denied: local clients only")
 
     # -- IMessageDelivery -------------------------------------------------------------------
@@ -162,18 +177,23 @@ class RelayDelivery:
             ) from None
         self._received_header = self._make_received_header(envelope, now)
         writer.write(self._received_header)
-        return IncomingMessage(writer, self._accepted)
+        headers = HeaderCompleter(
+            date=message_date(now), message_id=message_id(envelope.queue_id, self._hostname)
+        )
+        return IncomingMessage(writer, self._accepted, headers)
 
     def _make_received_header(self, envelope: Envelope, now: float) -> bytes:
-        # HELO was checked to be printable ASCII without spaces by the protocol.
+        # The protocol only checked HELO to be printable ASCII without spaces, up to 255
+        # octets: "(", ")", ";" or "[" in it could break the header's structure.
         for_clause = (
             f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
         )
         header = (
-            f"Received: from {envelope.helo or 'unknown'} ([{envelope.client}])\r\n"
+            f"Received: from {sanitize_host(envelope.helo)}"
+            f" ([{sanitize_host(envelope.client)}])\r\n"
             f"\tby {self._hostname} (mailrelay) with ESMTP id {envelope.queue_id}"
             f"{for_clause};\r\n"
-            f"\t{email.utils.formatdate(now, localtime=True)}\r\n"
+            f"\t{message_date(now)}\r\n"
         )
         return header.encode("ascii")
 

@@ -19,6 +19,8 @@ What the stock class gets wrong for a relay, and what this class does instead
   declared SIZE is written) is ``452 4.3.1`` at MAIL, before any spool file exists.
 - NOOP, RSET, VRFY (252), HELP (11); MAIL needs HELO/EHLO first.
 - Idle timeout plus an absolute session deadline and an error budget (12); our own banner (13).
+- Rate limits per client address and per envelope sender (the factory's, shared by every
+  connection) answer MAIL with ``451 4.7.1``; the session goes on.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from mailrelay.config import SMTPConfig
 from mailrelay.diskspace import FreeSpace
 from mailrelay.inbound.delivery import IIncomingMessage, IRelayDelivery, Transaction
 from mailrelay.metrics import Metrics
+from mailrelay.netaddr import peer_key
+from mailrelay.ratelimit import MailRateLimits
 from mailrelay.spool.store import SpoolWriteError
 
 COMMAND_LINE_MAX = 512  # octets with CRLF, RFC 5321 4.5.3.1.4
@@ -53,6 +57,12 @@ _NOT_IMPLEMENTED = frozenset(
 _COMMANDS = frozenset(
     {b"HELO", b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP", b"QUIT", b"VRFY", b"HELP"}
 )
+
+
+def _data_line_max(line: bytes) -> int:
+    """Octets a DATA line may hold before its CRLF: 998, and one more for the dot that
+    stuffing added (RFC 5321 4.5.3.1.6 counts the line without it)."""
+    return TEXT_LINE_MAX - 2 + (1 if line[:1] == b"." else 0)
 
 
 class _Mode(Enum):
@@ -111,6 +121,7 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
         delivery: IRelayDelivery,
         metrics: Metrics,
         free_space: FreeSpace | None = None,
+        mail_limits: MailRateLimits | None = None,
     ) -> None:
         super().__init__()
         self.delivery = delivery
@@ -121,6 +132,7 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
         self._clock = clock
         self._metrics = metrics
         self._free_space = free_space  # None: no free-space check (min_free_space = 0)
+        self._mail_limits = mail_limits  # shared by every connection (the factory's); None: off
         self._buffer = b""
         self._mode = _Mode.COMMAND
         # Two independent reasons to hold input (buffered, and reading paused): a reply is
@@ -174,6 +186,8 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
             factory.connectionClosed(self)
 
     def timeoutConnection(self) -> None:
+        if self._mode is not _Mode.CLOSED:
+            self._metrics.sessions_closed.labels("idle_timeout").inc()
         self._close(421, "4.4.2", f"{self._config.hostname} Idle timeout, closing connection")
 
     def _session_expired(self) -> None:
@@ -186,6 +200,8 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
             # without a reply; the client treats it as a lost connection and retries.
             self._abort_after(self._config.idle_timeout)
             return
+        if self._mode is not _Mode.CLOSED:
+            self._metrics.sessions_closed.labels("session_timeout").inc()
         self._close(421, "4.4.2", f"{self._config.hostname} Session too long, closing connection")
 
     def _abort_after(self, seconds: float) -> None:
@@ -238,7 +254,8 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
         """A 4xx/5xx answer to the client's mistake; too many end the session."""
         self._reply(code, status, text)
         self._errors += 1
-        if self._errors >= self._config.max_errors:
+        if self._errors >= self._config.max_errors and self._mode is not _Mode.CLOSED:
+            self._metrics.sessions_closed.labels("too_many_errors").inc()
             self._close(
                 421, "4.7.0", f"{self._config.hostname} Too many errors, closing connection"
             )
@@ -379,6 +396,7 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
             if self._mode is _Mode.CLOSED:
                 return
             if self._expired:
+                self._metrics.sessions_closed.labels("session_timeout").inc()
                 self._close(
                     421, "4.4.2", f"{self._config.hostname} Session too long, closing connection"
                 )
@@ -439,6 +457,16 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
             self._metrics.messages_rejected.labels("low_disk").inc()
             self._error_reply(452, "4.3.1", "Insufficient system storage")
             return
+        # Shared with every other connection; taken only by a MAIL that passed every check so
+        # far. The session goes on: the client may retry later or send something else.
+        if self._mail_limits is not None:
+            refused = self._mail_limits.check(
+                peer_key(self._transport.getPeer()), mail.sender, self._clock.seconds()
+            )
+            if refused is not None:
+                self._metrics.messages_rejected.labels(refused).inc()
+                self._error_reply(451, "4.7.1", "Rate limit exceeded, try again later")
+                return
         d = defer.maybeDeferred(
             self._delivery.validateFrom, self._helo, _twisted_address(mail.sender)
         )
@@ -461,6 +489,7 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
             self._error_reply(e.code, e.status, e.text)
             return
         if len(self._recipients) >= self._config.max_recipients:
+            self._metrics.recipients_rejected.labels("too_many").inc()
             self._error_reply(452, "4.5.3", "Too many recipients")
             return
         user = smtp.User(
@@ -549,19 +578,20 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
         buffer = self._buffer
         last_eol = buffer.rfind(b"\r\n")
         if last_eol < 0:
-            if len(buffer) > TEXT_LINE_MAX - 1:
+            # A partial line may still get its CR: one octet more than a line's content.
+            if len(buffer) > _data_line_max(buffer) + 1:
                 self._line_too_long()
             return False
         self.resetTimeout()
         lines = buffer[:last_eol].split(b"\r\n")
         rest = buffer[last_eol + 2 :]
-        if len(rest) > TEXT_LINE_MAX - 1:
+        if len(rest) > _data_line_max(rest) + 1:
             self._line_too_long()
             return False
         keep: list[bytes] = []
         end_at: int | None = None
         for index, line in enumerate(lines):
-            if len(line) > TEXT_LINE_MAX - 2:
+            if len(line) > _data_line_max(line):
                 self._line_too_long()
                 return False
             if line[:1] == b".":

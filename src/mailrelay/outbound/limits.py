@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import re
 
+from mailrelay.ratelimit import Gcra
+
 # A wait shorter than this is float noise (the pool's wake-up landed one ulp before the
 # theoretical time): treat it as "now", or the pool would schedule zero-length wake-ups forever.
 _EPSILON = 1e-9
@@ -19,64 +21,6 @@ _DAY = 86400.0  # Unix time has no leap seconds: every UTC day is exactly this l
 
 def _positive(wait: float) -> float:
     return wait if wait > _EPSILON else 0.0
-
-
-class Gcra:
-    """Generic cell rate algorithm: `rate` units per second, bursts up to `burst` units.
-
-    The whole state is one number, the theoretical arrival time (TAT): when the units taken so
-    far would all have been paid for at ``rate``. ``cost`` units conform at ``now`` if taking
-    them leaves TAT no further than ``burst`` units ahead of ``now``.
-    """
-
-    def __init__(self, rate: float, burst: float = 1.0) -> None:
-        if rate < 0:
-            raise ValueError("rate must not be negative")
-        if burst <= 0:
-            raise ValueError("burst must be positive")
-        self._rate = rate  # 0: unlimited
-        self._burst = burst
-        self._tat = -math.inf
-
-    @property
-    def rate(self) -> float:
-        return self._rate
-
-    def wait(self, now: float, cost: float = 1.0) -> float:
-        """Seconds until ``cost`` units conform; 0.0 if they do now. Does not consume."""
-        if self._rate == 0 or cost <= 0:
-            return 0.0
-        # A cost larger than the burst could never fit: it conforms once the bucket is empty
-        # (TAT <= now), and take() then pushes TAT out by the whole cost.
-        fits = min(cost, self._burst)
-        return _positive(max(self._tat, now) + (fits - self._burst) / self._rate - now)
-
-    def take(self, now: float, cost: float = 1.0) -> None:
-        """Consume ``cost`` units at ``now``, whether they conform or not (the caller asked
-        ``wait`` first); later waits are pushed out by the whole cost."""
-        if self._rate == 0 or cost <= 0:
-            return
-        # A caller woken a little late (the reactor's timer fired after the slot) is counted
-        # from its slot, not from the late moment: otherwise every wake-up's lateness is lost
-        # and 200/s comes out as 170/s. Only lateness under one unit is made up, so an idle
-        # spell never turns into a burst.
-        late_within_one_unit = now - self._tat < 1.0 / self._rate
-        start = self._tat if late_within_one_unit else now
-        self._tat = max(start, self._tat) + cost / self._rate
-
-    def set_rate(self, rate: float, now: float) -> None:
-        """Change the rate at ``now``, keeping the units already owed: a debt of 3 units is
-        0.3 s at 10/s and 0.6 s at 5/s. Going to or from unlimited forgives the debt."""
-        if rate < 0:
-            raise ValueError("rate must not be negative")
-        if rate == self._rate:
-            return
-        if self._rate == 0 or rate == 0:
-            self._tat = -math.inf
-        else:
-            owed = max(0.0, self._tat - now) * self._rate
-            self._tat = now + owed / rate
-        self._rate = rate
 
 
 class DailyQuota:
