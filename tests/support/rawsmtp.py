@@ -14,48 +14,13 @@ from pathlib import Path
 from typing import Any, Self
 
 from tests.support.net import free_port
-from tests.support.relay import RelayProcess
+from tests.support.relay import RelayProcess, relay_config
 
 REPLY_TIMEOUT = 10.0
 
 
 class Closed(Exception):
     """The server closed the connection (EOF or reset) before a complete reply line."""
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def inbound_config(
-    spool: Path,
-    smtp_port: int,
-    http_port: int,
-    upstream_port: int,
-    smtp: dict[str, Any] | None = None,
-    spool_options: dict[str, Any] | None = None,
-) -> str:
-    """Loopback listeners, a spool, [smtp] limits, and one plain-SMTP upstream on loopback."""
-    lines = ["[smtp]", f'listen = ["tcp:{smtp_port}:interface=127.0.0.1"]']
-    lines += [f"{key} = {_toml(value)}" for key, value in (smtp or {}).items()]
-    lines += ["[http]", f'listen = "tcp:{http_port}:interface=127.0.0.1"']
-    lines += ["[spool]", f"path = {_toml(str(spool))}"]
-    lines += [f"{key} = {_toml(value)}" for key, value in (spool_options or {}).items()]
-    lines += [
-        "[[providers]]",
-        'name = "primary"',
-        'kind = "smtp"',
-        'host = "127.0.0.1"',
-        f"port = {upstream_port}",
-        'tls = "none"',
-        "[routing]",
-        'default = ["primary"]',
-    ]
-    return "\n".join(lines) + "\n"
 
 
 class InboundRelay(RelayProcess):
@@ -71,8 +36,8 @@ class InboundRelay(RelayProcess):
     ) -> InboundRelay:
         workdir.mkdir(parents=True, exist_ok=True)
         smtp_port, http_port = free_port(), free_port()
-        text = inbound_config(
-            workdir / "spool", smtp_port, http_port, upstream_port, smtp, spool_options
+        text = relay_config(
+            workdir / "spool", smtp_port, http_port, upstream_port, smtp, **(spool_options or {})
         )
         return cls(workdir, text, smtp_port, http_port)
 

@@ -17,23 +17,29 @@ TWISTD = str(Path(sys.executable).with_name("twistd"))
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def relay_config(
     spool: Path,
     smtp_port: int,
     http_port: int,
     upstream_port: int | None,
+    smtp_options: dict[str, Any] | None = None,
     **spool_options: Any,
 ) -> str:
-    """A config for tests: loopback listeners on the given ports, one upstream if given."""
-    lines = [
-        "[smtp]",
-        f'listen = ["tcp:{smtp_port}:interface=127.0.0.1"]',
-        "[http]",
-        f'listen = "tcp:{http_port}:interface=127.0.0.1"',
-        "[spool]",
-        f'path = "{spool}"',
-    ]
-    lines += [f"{key} = {value}" for key, value in spool_options.items()]
+    """A config for tests: loopback listeners on the given ports, [smtp] and [spool] options,
+    one plain-SMTP upstream on loopback if given."""
+    lines = ["[smtp]", f'listen = ["tcp:{smtp_port}:interface=127.0.0.1"]']
+    lines += [f"{key} = {toml_value(value)}" for key, value in (smtp_options or {}).items()]
+    lines += ["[http]", f'listen = "tcp:{http_port}:interface=127.0.0.1"']
+    lines += ["[spool]", f"path = {toml_value(str(spool))}"]
+    lines += [f"{key} = {toml_value(value)}" for key, value in spool_options.items()]
     if upstream_port is not None:
         lines += [
             "[[providers]]",
