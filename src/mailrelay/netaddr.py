@@ -77,14 +77,21 @@ def peer_allowed(address: IAddress | None, allow_networks: Iterable[IPNetwork] =
 
 
 def peer_key(address: IAddress | None) -> str:
-    """One string per client for per-peer limits: the IP (mapped IPv4 unwrapped, so a client
-    counts once whichever socket it came in on), or "unix" for every UNIX-socket client."""
+    """One string per client for per-peer limits: "unix" for every UNIX-socket client,
+    "loopback" for every loopback address (on Linux a process can bind any of 127/8 and would
+    otherwise be a new client for each), the /64 for IPv6 (what one host is usually given),
+    the address for IPv4 (mapped IPv4 unwrapped, so a client counts once whichever socket it
+    came in on)."""
     if isinstance(address, UNIXAddress):
         return "unix"
     ip = _peer_ip(address) if address is not None else None
-    if ip is not None:
-        return str(ip)
-    return str(address)
+    if ip is None:
+        return str(address)
+    if ip.is_loopback:
+        return "loopback"
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def parse_network(text: str) -> IPNetwork:

@@ -152,7 +152,7 @@ class KeyedRateLimiter:
             return True
         tats = self._tat
         self._sweep(now, self.SWEEP_PER_CALL)
-        tat = tats.get(key)
+        tat = self._held_tat(key, now)
         new_tat = (now if tat is None or tat < now else tat) + self._interval
         if new_tat - now > self._tolerance + _slack(now):
             return False
@@ -169,16 +169,31 @@ class KeyedRateLimiter:
         """Whether ``allow(key, now)`` would succeed; takes nothing."""
         if not self._rate:
             return True
-        tat = self._tat.get(key, now)
+        tat = self._held_tat(key, now)
+        tat = now if tat is None else tat
         return max(tat, now) + self._interval - now <= self._tolerance + _slack(now)
 
     def retry_after(self, key: str, now: float) -> float:
         """Seconds until one unit for ``key`` conforms; 0.0 if it does now."""
         if not self._rate:
             return 0.0
-        tat = self._tat.get(key, now)
+        tat = self._held_tat(key, now)
+        tat = now if tat is None else tat
         wait = max(tat, now) + self._interval - self._tolerance - now
         return wait if wait > _slack(now) else 0.0
+
+    def _held_tat(self, key: str, now: float) -> float | None:
+        """The key's TAT, never more than one burst ahead of ``now``: a conforming take
+        leaves it at most that far ahead, so anything further comes from a wall clock that
+        was stepped back (NTP), which must not lock a client out for the size of the step."""
+        tat = self._tat.get(key)
+        if tat is None:
+            return None
+        ceiling = now + self._tolerance
+        if tat > ceiling:
+            # Stored, so that the key then drains from here like any other.
+            self._tat[key] = tat = ceiling
+        return tat
 
     def sweep(self, now: float) -> None:
         """Drop every expired key at the front now (the lazy sweep, all at once)."""

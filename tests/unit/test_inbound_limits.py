@@ -180,8 +180,12 @@ def test_allow_networks_admit_only_their_addresses(
 
 
 def test_peer_key_unwraps_mapped_addresses_and_lumps_unix_clients() -> None:
-    assert peer_key(v6("::ffff:127.0.0.1")) == peer_key(v4("127.0.0.1")) == "127.0.0.1"
-    assert peer_key(v6("2001:DB8::1")) == "2001:db8::1"
+    # Every loopback address is one client: a local process can bind any of 127/8.
+    assert peer_key(v6("::ffff:127.0.0.1")) == peer_key(v4("127.0.0.1")) == "loopback"
+    assert peer_key(v4("127.1.2.3")) == peer_key(v6("::1")) == "loopback"
+    assert peer_key(v6("::ffff:10.0.0.1")) == peer_key(v4("10.0.0.1")) == "10.0.0.1"
+    # An IPv6 host usually has a whole /64 to rotate through.
+    assert peer_key(v6("2001:DB8::1")) == peer_key(v6("2001:db8::ffff:1")) == "2001:db8::/64"
     assert peer_key(UNIXAddress(b"/a")) == peer_key(UNIXAddress(None)) == "unix"
 
 
@@ -279,14 +283,16 @@ def test_per_peer_cap_answers_421_counts_and_frees_a_slot_on_disconnect(
     assert relay.connections("refused_peer_limit") == 1
     assert any("(limits.connections_per_peer)" in m for m in logged())
 
-    relay.session(v4("127.0.0.2"))  # another address has its own count
-    relay.session(UNIXAddress(None))
+    # Another loopback address is the same client, not a way around the cap.
+    other, _ = relay.connect(v4("127.0.0.2"))
+    assert not isinstance(other, RelayESMTP)
+    relay.session(UNIXAddress(None))  # UNIX-socket clients have their own count
 
     first.disconnect()
     assert relay.factory.open_from(LOCAL) == 1
     relay.session(LOCAL)
-    assert relay.connections("accepted") == 5
-    assert relay.sample("mailrelay_smtp_open_connections") == 4
+    assert relay.connections("accepted") == 4
+    assert relay.sample("mailrelay_smtp_open_connections") == 3
 
 
 def test_per_peer_cap_zero_leaves_only_max_connections(tmp_path: Path) -> None:
@@ -310,7 +316,7 @@ def test_connection_rate_per_client_answers_421_then_recovers(tmp_path: Path) ->
         b" try again later\r\n"
     )
     assert relay.connections("refused_rate") == 1
-    relay.session(v4("127.0.0.2"))  # its own key
+    relay.session(UNIXAddress(None))  # its own key
     relay.clock.advance(0.5)  # 1/rate
     relay.session(LOCAL)
     assert relay.connections("refused_rate") == 1
@@ -393,7 +399,8 @@ def test_a_whole_message_goes_through_after_a_rate_limited_mail(tmp_path: Path) 
     assert len(relay.accepted) == 1
 
 
-def test_rate_limited_mails_count_toward_the_error_budget(tmp_path: Path) -> None:
+def test_rate_limited_mails_do_not_count_toward_the_error_budget(tmp_path: Path) -> None:
+    """A 451 for the rate is not the client's mistake: it must not end the session."""
     relay = make_relay(
         tmp_path, LimitsConfig(messages_per_client=1.0, client_burst=1), max_errors=3
     )
@@ -401,9 +408,9 @@ def test_rate_limited_mails_count_toward_the_error_budget(tmp_path: Path) -> Non
     client.send(b"EHLO app.test\r\n")
     client.replies()
     assert client.mail() == "250 2.1.0"
-    client.send(b"MAIL FROM:<a@b.c>\r\n" * 3)
-    assert client.codes() == ["451 4.7.1", "451 4.7.1", "451 4.7.1", "421 4.7.0"]
-    assert relay.sample("mailrelay_smtp_sessions_closed_total", reason="too_many_errors") == 1
+    client.send(b"MAIL FROM:<a@b.c>\r\n" * 4 + b"NOOP\r\n")
+    assert client.codes() == ["451 4.7.1"] * 4 + ["250 2.0.0"]
+    assert relay.sample("mailrelay_smtp_sessions_closed_total", reason="too_many_errors") == 0
 
 
 def test_by_default_mail_is_not_rate_limited(tmp_path: Path) -> None:
@@ -479,3 +486,35 @@ def test_session_limits_are_counted(tmp_path: Path) -> None:
     assert closed("idle_timeout") == 1
     assert closed("session_timeout") == 1
     assert relay.sample("mailrelay_recipients_rejected_total", reason="too_many") == 1
+
+
+def test_a_failing_spool_on_disconnect_still_frees_the_peer_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The partial file's removal may fail (EIO, a read-only remount): the counts must still
+    go down, or the client would get 421 until a restart."""
+    from mailrelay.spool.store import MessageWriter
+
+    def failing_abort(self: MessageWriter) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(MessageWriter, "abort", failing_abort)
+    relay = make_relay(tmp_path, LimitsConfig(connections_per_peer=1))
+    client = relay.session(LOCAL)
+    client.send(b"EHLO app.test\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\npartial\r\n")
+    with pytest.raises(OSError):
+        client.disconnect()
+    assert relay.factory.open_from(LOCAL) == 0
+    relay.session(LOCAL)
+
+
+def test_a_wall_clock_stepped_back_does_not_lock_a_client_out() -> None:
+    from mailrelay.ratelimit import KeyedRateLimiter
+
+    limiter = KeyedRateLimiter(1.0, 5)
+    for _ in range(5):
+        assert limiter.allow("c", 10_000.0)
+    assert not limiter.allow("c", 10_000.0)
+    # NTP steps the clock back an hour: the key is owed at most one burst, not an hour.
+    assert limiter.retry_after("c", 6_400.0) <= 1.0
+    assert limiter.allow("c", 6_401.0)

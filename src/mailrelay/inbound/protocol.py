@@ -173,17 +173,21 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._mode = _Mode.CLOSED
-        self._discard_message()
-        self._buffer = b""
-        self._unregister_producer()
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-        self._cancel_abort()
-        self.setTimeout(None)
-        factory = getattr(self, "factory", None)
-        if factory is not None and hasattr(factory, "connectionClosed"):
-            factory.connectionClosed(self)
+        try:
+            self._discard_message()  # unlinks the partial spool file: may raise (EIO, EROFS)
+        finally:
+            # Whatever happened above, the connection counts (total and per peer) must go
+            # down, or a failing disk would end in a permanent 421 for this client.
+            self._buffer = b""
+            self._unregister_producer()
+            if self._deadline is not None and self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+            self._cancel_abort()
+            self.setTimeout(None)
+            factory = getattr(self, "factory", None)
+            if factory is not None and hasattr(factory, "connectionClosed"):
+                factory.connectionClosed(self)
 
     def timeoutConnection(self) -> None:
         if self._mode is not _Mode.CLOSED:
@@ -465,7 +469,8 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
             )
             if refused is not None:
                 self._metrics.messages_rejected.labels(refused).inc()
-                self._error_reply(451, "4.7.1", "Rate limit exceeded, try again later")
+                # Not the client's mistake: it does not count toward max_errors.
+                self._reply(451, "4.7.1", "Rate limit exceeded, try again later")
                 return
         d = defer.maybeDeferred(
             self._delivery.validateFrom, self._helo, _twisted_address(mail.sender)
