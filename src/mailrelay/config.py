@@ -49,6 +49,10 @@ class SMTPConfig:
     idle_timeout: float = 300.0
     session_timeout: float = 3600.0
     max_errors: int = 20
+    # Seconds to wait before the banner; a client that talks first is refused (554 5.5.1),
+    # as Postfix's postscreen does. 0 (default): the banner goes out at once, since every
+    # connection would pay the pause.
+    greet_pause: float = 0.0
     # Networks (CIDR) whose clients may connect besides loopback and UNIX sockets, e.g. the app
     # servers or HAProxy in front of a pool. Empty: loopback only, and smtp.listen must stay on
     # loopback; set, a non-loopback listen address is allowed and only these peers get in.
@@ -285,6 +289,7 @@ def _parse_smtp(t: Mapping[str, Any], key: str) -> SMTPConfig:
         idle_timeout=_seconds(t, "idle_timeout", key, d.idle_timeout),
         session_timeout=_seconds(t, "session_timeout", key, d.session_timeout),
         max_errors=_int(t, "max_errors", key, d.max_errors, minimum=1),
+        greet_pause=_seconds(t, "greet_pause", key, d.greet_pause, zero_ok=True),
     )
 
 

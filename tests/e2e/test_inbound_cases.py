@@ -242,19 +242,26 @@ def test_case02_http_request_is_refused_and_closed(
         assert client.closed(), "the session stayed open after an HTTP request"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="reliability.md case 2 says talk before the banner is closed; the banner goes out in "
-    "connectionMade with no greet pause, so early input is taken as pipelined commands "
-    "(EHLO answered 250)",
-)
-def test_case02_talk_before_the_banner_is_closed(relay: InboundRelay) -> None:
-    with RawSMTP(relay.smtp_port) as client:
+@pytest.fixture
+def paused(tmp_path: Path, upstream: UpstreamProcess) -> Iterator[InboundRelay]:
+    """A relay with smtp.greet_pause (off by default: every connection would pay it)."""
+    yield from _run_relay(
+        InboundRelay.configured(
+            tmp_path, upstream.port, smtp={"greet_pause": 0.5}, spool_options={"min_free_space": 0}
+        )
+    )
+
+
+def test_case02_talk_before_the_banner_is_closed(paused: InboundRelay) -> None:
+    with RawSMTP(paused.smtp_port) as client:
         client.send(b"EHLO early\r\nMAIL FROM:<a@example.com>\r\n")
-        assert client.last().startswith("220 ")
-        # closed() fails at once if anything (the EHLO's 250) comes before the close.
+        assert client.last() == "554 5.5.1 Protocol error: talk before the banner"
+        # closed() fails at once if anything (a 220, the EHLO's 250) comes before the close.
         assert client.closed(timeout=5)
+    with RawSMTP(paused.smtp_port) as client:  # a client that waits gets the banner
+        assert client.last().startswith("220 ")
+        client.send(b"EHLO patient\r\n")
+        assert client.last().startswith("250 ")
 
 
 # -- case 3: unknown command, syntax, sequence -------------------------------------------------

@@ -1377,3 +1377,19 @@ def test_commit_that_never_answers_after_the_deadline_ends_in_an_abort_without_r
     s.clock.advance(10)  # the fsync never returns
     assert s.replies() == []  # no 421 that a late 250 could contradict
     assert s.transport.disconnected
+
+
+def test_greet_pause_holds_the_banner_and_refuses_talk_before_it(tmp_path: Path) -> None:
+    s = open_session(tmp_path, config=smtp_config(greet_pause=2.0))
+    assert s.replies() == []
+    s.clock.advance(2.0)
+    assert s.replies() == [f"220 {HOSTNAME} ESMTP mailrelay"]
+    s.send(b"EHLO ok.example\r\n")
+    assert s.replies()[-1].startswith("250 ")
+
+    early = open_session(tmp_path / "early", config=smtp_config(greet_pause=2.0))
+    early.send(b"EHLO early\r\nMAIL FROM:<a@b.c>\r\n")
+    assert early.replies() == ["554 5.5.1 Protocol error: talk before the banner"]
+    assert early.closed
+    early.clock.advance(2.0)
+    assert early.replies() == []  # no banner after the refusal

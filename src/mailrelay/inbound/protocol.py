@@ -148,6 +148,7 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
         self._abort_call: IDelayedCall | None = None
         self._errors = 0
         self._deadline: IDelayedCall | None = None
+        self._greeting: IDelayedCall | None = None  # the banner, while greet_pause runs
         self._helo_name: str | None = None
         self._mail: MailCommand | None = None
         self._recipients: list[str] = []
@@ -169,6 +170,15 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
         self._producing = True
         self._deadline = self._clock.callLater(self._config.session_timeout, self._session_expired)
         self.setTimeout(self._config.idle_timeout)
+        if self._config.greet_pause > 0:
+            # Input waits in the buffer (_can_process) until the banner; any input before it
+            # is refused in dataReceived.
+            self._greeting = self._clock.callLater(self._config.greet_pause, self._send_banner)
+        else:
+            self._send_banner()
+
+    def _send_banner(self) -> None:
+        self._greeting = None
         self._reply(220, None, f"{self._config.hostname} ESMTP mailrelay")
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -183,6 +193,9 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
             if self._deadline is not None and self._deadline.active():
                 self._deadline.cancel()
             self._deadline = None
+            if self._greeting is not None and self._greeting.active():
+                self._greeting.cancel()
+            self._greeting = None
             self._cancel_abort()
             self.setTimeout(None)
             factory = getattr(self, "factory", None)
@@ -304,11 +317,23 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         if self._mode is _Mode.CLOSED:
             return
+        if self._greeting is not None:
+            # A client that talks before the banner is a spam bot or a confused program, not
+            # an SMTP client (reliability case 2).
+            self._greeting.cancel()
+            self._greeting = None
+            self._close(554, "5.5.1", "Protocol error: talk before the banner")
+            return
         self._buffer += data
         self._process_input()
 
     def _can_process(self) -> bool:
-        return not self._waiting and not self._output_paused and self._mode is not _Mode.CLOSED
+        return (
+            not self._waiting
+            and not self._output_paused
+            and self._mode is not _Mode.CLOSED
+            and self._greeting is None
+        )
 
     def _process_input(self) -> None:
         if self._processing:
