@@ -54,8 +54,9 @@ class SMTPConfig:
     # connection would pay the pause.
     greet_pause: float = 0.0
     # Networks (CIDR) whose clients may connect besides loopback and UNIX sockets, e.g. the app
-    # servers or HAProxy in front of a pool. Empty: loopback only, and smtp.listen must stay on
-    # loopback; set, a non-loopback listen address is allowed and only these peers get in.
+    # servers. Empty: loopback only, and smtp.listen must stay on loopback; set, a non-loopback
+    # listen address is allowed and only these peers get in. On a haproxy: listener both the
+    # proxy (the socket's peer) and the client named in its PROXY header must pass.
     allow_networks: tuple[str, ...] = ()
 
 
@@ -318,7 +319,7 @@ def _parse_http(t: Mapping[str, Any], key: str) -> HTTPConfig:
     d = HTTPConfig()
     _no_unknown_keys(t, attrs.fields_dict(HTTPConfig).keys(), key)
     listen = _str(t, "listen", key, d.listen)
-    _check_server_endpoint(listen, f"{key}.listen", loopback_only=True)
+    _check_server_endpoint(listen, f"{key}.listen", loopback_only=True, proxy_ok=False)
     return HTTPConfig(listen=listen)
 
 
@@ -629,14 +630,22 @@ def _networks(t: Mapping[str, Any], name: str, key: str) -> tuple[str, ...]:
     return tuple(networks)
 
 
-def _check_server_endpoint(description: str, key: str, loopback_only: bool, hint: str = "") -> None:
-    """Check an endpoint string without opening it: syntax, and that it stays on loopback."""
+def _check_server_endpoint(
+    description: str, key: str, loopback_only: bool, hint: str = "", proxy_ok: bool = True
+) -> None:
+    """Check an endpoint string without opening it: syntax, and that it stays on loopback.
+
+    A ``haproxy:`` endpoint is checked by the socket under it (HAProxy must reach us on
+    loopback, or from smtp.allow_networks); only the SMTP listeners understand PROXY headers.
+    """
     from mailrelay.endpoints import EndpointError, parse_server_endpoint
 
     try:
         listen = parse_server_endpoint(description)
     except EndpointError as e:
         raise ConfigError(f"{key}: {e}") from None
+    if listen.proxied and not proxy_ok:
+        raise ConfigError(f"{key}: haproxy: endpoints are only supported in smtp.listen")
     if loopback_only and listen.interface is not None and not is_loopback_host(listen.interface):
         raise ConfigError(
             f"{key}: listens on {listen.interface}, which is not a loopback address{hint}"

@@ -2,6 +2,13 @@
 
 We check them when the config is read, so a typo is a one-line config error naming the key
 instead of a failure when the service starts, and so we can refuse to listen beyond loopback.
+
+``haproxy:`` in front of a ``tcp:``, ``tcp6:`` or ``unix:`` endpoint (``haproxy:tcp:2526:
+interface=127.0.0.1``) means every connection starts with a PROXY protocol header (v1 or v2).
+We do not use Twisted's own wrapper for it: that one builds the SMTP protocol (and sends the
+banner) with the proxy's address, before the header is read. ``parse_server_endpoint`` strips
+the prefix and says ``proxied``; the service wraps the factory in
+``mailrelay.inbound.factory.ProxyHeaderFactory``, which checks the address in the header.
 """
 
 from __future__ import annotations
@@ -17,8 +24,12 @@ class EndpointError(ValueError):
 
 @attrs.frozen
 class ListenAddress:
-    kind: str  # "tcp", "tcp6", "unix"
+    kind: str  # "tcp", "tcp6", "unix" (of the socket itself, under any haproxy: prefix)
     interface: str | None  # None for UNIX sockets
+    # Connections start with a PROXY header (haproxy: prefix): the client is the header's.
+    proxied: bool = False
+    # The endpoint string of the socket itself: the description without its haproxy: prefix.
+    endpoint: str = ""
 
 
 def _split(description: str) -> list[str]:
@@ -43,20 +54,24 @@ def parse_server_endpoint(description: str) -> ListenAddress:
     try:
         # Parsing against a memory reactor opens nothing; it checks plugin name and arguments.
         serverFromString(MemoryReactor(), description)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OSError) as e:  # OSError: ssl: without its files
         raise EndpointError(f"not a valid endpoint string {description!r}: {e}") from None
     parts = _split(description)
     kind = parts[0].lower()
     if kind == "haproxy":
-        # The loopback gate checks the socket's peer, which behind HAProxy is HAProxy itself:
-        # every remote client would pass. Refused until the gate checks the PROXY header's
-        # client address instead.
-        raise EndpointError("haproxy: endpoints are not supported yet")
+        # The endpoint type never contains an escaped ':', so the rest starts after the first.
+        inner = description.split(":", 1)[1]
+        if _split(inner)[0].lower() == "haproxy":
+            raise EndpointError("haproxy: is given twice")
+        listen = parse_server_endpoint(inner)
+        return attrs.evolve(listen, proxied=True)
     if kind == "unix":
-        return ListenAddress(kind="unix", interface=None)
+        return ListenAddress(kind="unix", interface=None, endpoint=description)
     if kind not in ("tcp", "tcp6"):
-        raise EndpointError(f"endpoint type {kind!r} is not supported (use tcp, tcp6, unix)")
+        raise EndpointError(
+            f"endpoint type {kind!r} is not supported (use tcp, tcp6, unix, or haproxy: before one)"
+        )
     options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
     # Without interface=, tcp binds every address of the machine: spell that out.
     interface = options.get("interface", "0.0.0.0" if kind == "tcp" else "::")
-    return ListenAddress(kind=kind, interface=interface)
+    return ListenAddress(kind=kind, interface=interface, endpoint=description)

@@ -19,7 +19,7 @@ class Metrics:
         self.connections = Counter(
             "mailrelay_smtp_connections_total",
             "Inbound SMTP connections, by result: accepted, refused_nonlocal, refused_limit,"
-            " refused_peer_limit, refused_rate.",
+            " refused_peer_limit, refused_rate, refused_proxy_header.",
             ["result"],
             registry=r,
         )

@@ -117,3 +117,20 @@ def parse_network(text: str) -> IPNetwork:
 
 
 _MAPPED_V4 = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def canonical_peer(address: IAddress) -> IAddress | None:
+    """A client address read from a PROXY header, its IP in normal form (``::1``, not
+    ``0:0:0:0:0:0:0:1``; an IPv4-mapped address kept as sent); a UNIX-socket address as it is.
+    None for anything else: a host that is not an IP literal (``010.0.0.1``, a name, a scope)."""
+    if isinstance(address, UNIXAddress):
+        return address
+    if not isinstance(address, IPv4Address | IPv6Address) or "%" in address.host:
+        return None
+    try:
+        ip = ipaddress.ip_address(address.host)
+    except ValueError:
+        return None
+    if ip.version == 4:
+        return IPv4Address(address.type, str(ip), address.port)
+    return IPv6Address(address.type, str(ip), address.port)

@@ -26,7 +26,8 @@ from mailrelay.blocking import BlockingRunner, ThreadRunner
 from mailrelay.config import Config, ConfigError, ProviderConfig, load
 from mailrelay.control import ControlFactory
 from mailrelay.diskspace import FreeSpace
-from mailrelay.inbound.factory import RelaySMTPFactory
+from mailrelay.endpoints import parse_server_endpoint
+from mailrelay.inbound.factory import ProxyHeaderFactory, RelaySMTPFactory
 from mailrelay.metrics import Metrics
 from mailrelay.outbound.maildir import MaildirProvider
 from mailrelay.outbound.pool import SMTPProvider
@@ -180,6 +181,18 @@ def _listen_endpoints(config: Config) -> tuple[str, ...]:
     return listen
 
 
+def _smtp_listener(
+    reactor: Any, description: str, factory: RelaySMTPFactory
+) -> internet.StreamServerEndpointService:
+    """One ``smtp.listen`` entry as a service: a ``haproxy:`` one listens on the endpoint under
+    the prefix, through our PROXY header reader (not Twisted's wrapper, which would build the
+    SMTP protocol, and send the banner, before reading the header: see mailrelay.endpoints)."""
+    listen = parse_server_endpoint(description)
+    if listen.proxied:
+        return strports.service(listen.endpoint, ProxyHeaderFactory(factory), reactor=reactor)
+    return strports.service(description, factory, reactor=reactor)
+
+
 def _build_provider(
     config: ProviderConfig, reactor: Any, runner: BlockingRunner, metrics: Metrics
 ) -> IProvider:
@@ -252,7 +265,7 @@ def buildService(
         limits=config.limits,
     )
     for description in _listen_endpoints(config):
-        strports.service(description, factory).setServiceParent(top)
+        _smtp_listener(reactor, description, factory).setServiceParent(top)
     site = build_site(reactor, reactor.seconds(), queue.depth, metrics)
     strports.service(config.http.listen, site).setServiceParent(top)
 

@@ -78,8 +78,8 @@ def test_implicit_tls_defaults_to_port_465() -> None:
         ),
         ("[smtp]\nmax_recipients = 0\n", "smtp.max_recipients: must be at least 1"),
         (
-            "[smtp]\nlisten = ['haproxy:tcp:2525:interface=127.0.0.1']\n",
-            "smtp.listen[0]: haproxy: endpoints are not supported yet",
+            "[smtp]\nlisten = ['haproxy:tcp:2525']\n",
+            "smtp.listen[0]: listens on 0.0.0.0, which is not a loopback address",
         ),
         ("[smtp]\nmax_recipients = true\n", "smtp.max_recipients: must be an integer"),
         ("[smtp]\nhostname = 'bad host'\n", "smtp.hostname: not a valid host name"),
@@ -400,9 +400,10 @@ def test_endpoint_parsing() -> None:
     assert parse_server_endpoint(r"tcp6:2525:interface=\:\:1").interface == "::1"
     assert parse_server_endpoint("tcp:25").interface == "0.0.0.0"
     assert parse_server_endpoint("unix:/run/mailrelay.sock:mode=660").interface is None
-    with pytest.raises(EndpointError, match="haproxy"):
-        # Behind HAProxy every client would look local: refused, not an open relay.
-        parse_server_endpoint("haproxy:tcp:2525:interface=127.0.0.1")
+    # Behind HAProxy the socket's own address is checked here; the client's at connect time.
+    proxied = parse_server_endpoint("haproxy:tcp:2525:interface=127.0.0.1")
+    assert (proxied.proxied, proxied.interface) == (True, "127.0.0.1")
+    assert proxied.endpoint == "tcp:2525:interface=127.0.0.1"
     with pytest.raises(EndpointError):
         parse_server_endpoint("carrier-pigeon:1")
 
