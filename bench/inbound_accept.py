@@ -43,6 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from tests.support.net import free_port, port_accepts  # noqa: E402
+from tests.support.procfs import status_kib  # noqa: E402
 
 HOST = "127.0.0.1"
 MAIL_FROM = "a@example.com"
@@ -102,17 +103,6 @@ def children(ppid: int) -> dict[int, str]:
         if int(text[text.rindex(")") + 2 :].split()[1]) == ppid:
             out[int(entry)] = name
     return out
-
-
-def status_kib(pid: int, name: str) -> int | None:
-    """A /proc/<pid>/status field in KiB (VmRSS: resident now, VmHWM: peak resident)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 # --- smtp-source ----------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from tests.support.net import free_port, port_accepts  # noqa: E402
+from tests.support.procfs import status_kib as rss_kib  # noqa: E402
 from tests.support.upstream import UpstreamProcess  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -173,17 +174,6 @@ def preload_spool(spool: Path, count: int) -> float:
         path.write_bytes(encode_message(envelope, body))
         os.utime(path, (later, later))
     return time.perf_counter() - started
-
-
-def rss_kib(pid: int, field_name: str = "VmRSS") -> int | None:
-    """A process's resident (VmRSS) or peak resident (VmHWM) memory in KiB, from /proc."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from tests.support.net import free_port
+from tests.support.procfs import status_kib
 from tests.support.relay import RelayProcess, relay_config
 
 REPLY_TIMEOUT = 10.0
@@ -55,11 +56,10 @@ class InboundRelay(RelayProcess):
 
 
 def rss_kib(pid: int) -> int:
-    """VmRSS of a process in KiB, from /proc/<pid>/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for pid {pid}")
+    """VmRSS of a running process in KiB."""
+    rss = status_kib(pid)
+    assert rss is not None, f"no VmRSS for pid {pid}"
+    return rss
 
 
 class RawSMTP:

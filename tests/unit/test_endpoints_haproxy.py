@@ -21,8 +21,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from mailrelay.blocking import InlineRunner
-from mailrelay.config import ConfigError, LimitsConfig, SMTPConfig, parse
+from mailrelay.config import ConfigError, LimitsConfig, parse
 from mailrelay.endpoints import EndpointError, parse_server_endpoint
 from mailrelay.inbound.factory import (
     PROXY_HEADER_TIMEOUT,
@@ -36,6 +35,7 @@ from mailrelay.netaddr import canonical_peer
 from mailrelay.service import _smtp_listener
 from mailrelay.spool.format import Envelope, decode_message
 from mailrelay.spool.store import Spool
+from tests.unit.test_inbound_limits import make_relay as make_inbound_relay
 
 HOSTNAME = "relay.test"
 PROXY = IPv4Address("TCP", "127.0.0.1", 51000)  # HAProxy, as the socket sees it
@@ -144,16 +144,16 @@ class Relay:
 
 
 def make_relay(tmp_path: Path, limits: LimitsConfig | None = None, **smtp: Any) -> Relay:
-    spool = Spool(tmp_path / "spool", InlineRunner())
-    spool.prepare()
-    clock = Clock()
-    metrics = Metrics()
-    accepted: list[Envelope] = []
-    smtp.setdefault("hostname", HOSTNAME)
-    smtp_factory = RelaySMTPFactory(
-        SMTPConfig(**smtp), clock, spool, accepted.append, metrics, limits=limits
+    """The factory of test_inbound_limits behind a ProxyHeaderFactory."""
+    inbound = make_inbound_relay(tmp_path, limits, **smtp)
+    return Relay(
+        inbound.factory,
+        ProxyHeaderFactory(inbound.factory),
+        inbound.clock,
+        inbound.metrics,
+        inbound.spool,
+        inbound.accepted,
     )
-    return Relay(smtp_factory, ProxyHeaderFactory(smtp_factory), clock, metrics, spool, accepted)
 
 
 # -- the gate checks the header's client, after the header and before the banner --------------

@@ -50,6 +50,7 @@ class Relay:
     clock: Clock
     metrics: Metrics
     accepted: list[Envelope]
+    spool: Spool
 
     def connect(self, peer: IAddress = LOCAL) -> tuple[Protocol | None, StringTransport]:
         proto = self.factory.buildProtocol(peer)
@@ -117,7 +118,7 @@ def make_relay(tmp_path: Path, limits: LimitsConfig | None = None, **smtp: Any) 
     factory = RelaySMTPFactory(
         SMTPConfig(**smtp), clock, spool, accepted.append, metrics, limits=limits
     )
-    return Relay(factory, clock, metrics, accepted)
+    return Relay(factory, clock, metrics, accepted, spool)
 
 
 @pytest.fixture
