@@ -86,6 +86,39 @@ class HTTPConfig:
 
 
 @attrs.frozen
+class AlertsConfig:
+    # Seconds between two readings of the queue, providers and disk (alerts, status chart).
+    check_interval: float = 10.0
+    # Fire when more than this many messages wait for delivery (the seed's 100); 0: off.
+    backlog: int = 100
+    # Fire when the oldest queued message is older than this many seconds; 0: off.
+    oldest_age: float = 3600.0
+    # Fire when free space on the spool's filesystem is below this many bytes; 0: off.
+    # None: twice spool.min_free_space, so the alert comes before mail is refused.
+    disk_free: int | None = None
+    # Fire when a provider's circuit breaker opens (resolves when it closes).
+    provider_down: bool = True
+    # Hysteresis: a firing alert resolves only once its value is back below threshold times
+    # this ratio (above it, for disk_free), so a value that hovers at the line fires once.
+    clear_ratio: float = 0.8
+    # While an alert stays active, notify again every this many seconds; 0: never again.
+    repeat_interval: float = 3600.0
+    # Channels besides the log. A webhook gets each notification as a JSON POST.
+    webhook_url: str | None = None
+    webhook_timeout: float = 10.0
+    webhook_retries: int = 3
+    # Mail to an admin, sent straight through the first provider that takes mail, never
+    # through the queue the alert may be about.
+    mail_to: str | None = None
+    mail_from: str | None = None  # default: mailrelay@<smtp.hostname>
+
+
+@attrs.frozen
+class LogConfig:
+    format: Literal["text", "json"] = "text"
+
+
+@attrs.frozen
 class SpoolConfig:
     path: str = "spool"
     retry_initial: float = 300.0
@@ -185,6 +218,8 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     providers: tuple[ProviderConfig, ...] = DEFAULT_PROVIDERS
     routing: RoutingConfig = RoutingConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    log: LogConfig = LogConfig()
     source: str | None = None  # the file it came from; None means the embedded default
 
     @property
@@ -218,11 +253,15 @@ def load(path: str | os.PathLike[str] | None) -> Config:
 
 
 def parse(data: Mapping[str, Any], source: str | None = "<string>") -> Config:
-    _no_unknown_keys(data, {"smtp", "http", "spool", "limits", "providers", "routing"}, "")
+    _no_unknown_keys(
+        data, {"smtp", "http", "spool", "limits", "providers", "routing", "alerts", "log"}, ""
+    )
     smtp = _section(data, "smtp", _parse_smtp)
     http = _section(data, "http", _parse_http)
     spool = _section(data, "spool", _parse_spool)
     limits = _section(data, "limits", _parse_limits)
+    alerts = _section(data, "alerts", _parse_alerts)
+    log = _section(data, "log", _parse_log)
 
     if "providers" in data:
         raw_providers = data["providers"]
@@ -258,6 +297,8 @@ def parse(data: Mapping[str, Any], source: str | None = "<string>") -> Config:
         limits=limits,
         providers=providers,
         routing=routing,
+        alerts=alerts,
+        log=log,
         source=source,
     )
 
@@ -321,6 +362,58 @@ def _parse_http(t: Mapping[str, Any], key: str) -> HTTPConfig:
     listen = _str(t, "listen", key, d.listen)
     _check_server_endpoint(listen, f"{key}.listen", loopback_only=True, proxy_ok=False)
     return HTTPConfig(listen=listen)
+
+
+def _parse_alerts(t: Mapping[str, Any], key: str) -> AlertsConfig:
+    d = AlertsConfig()
+    _no_unknown_keys(t, attrs.fields_dict(AlertsConfig).keys(), key)
+    clear_ratio = _seconds(t, "clear_ratio", key, d.clear_ratio, what="a number")
+    if clear_ratio >= 1:
+        raise ConfigError(f"{key}.clear_ratio: must be less than 1 (e.g. 0.8)")
+    webhook_url = _optional_str(t, "webhook_url", key)
+    if webhook_url is not None:
+        scheme, _, rest = webhook_url.partition("://")
+        host = rest.split("/", 1)[0]
+        if scheme not in ("http", "https") or not host or any(c.isspace() for c in webhook_url):
+            # The URL itself is not repeated: a webhook's path often carries its token.
+            raise ConfigError(f"{key}.webhook_url: must be an http:// or https:// URL")
+    mail_to = _optional_str(t, "mail_to", key)
+    mail_from = _optional_str(t, "mail_from", key)
+    for name, value in (("mail_to", mail_to), ("mail_from", mail_from)):
+        if value is not None and not _is_plain_address(value):
+            raise ConfigError(f"{key}.{name}: not a mail address: {value!r}")
+    return AlertsConfig(
+        check_interval=_seconds(t, "check_interval", key, d.check_interval),
+        backlog=_int(t, "backlog", key, d.backlog, minimum=0),
+        oldest_age=_seconds(t, "oldest_age", key, d.oldest_age, zero_ok=True),
+        disk_free=(_int(t, "disk_free", key, 0, minimum=0) if "disk_free" in t else d.disk_free),
+        provider_down=_bool(t, "provider_down", key, d.provider_down),
+        clear_ratio=clear_ratio,
+        repeat_interval=_seconds(t, "repeat_interval", key, d.repeat_interval, zero_ok=True),
+        webhook_url=webhook_url,
+        webhook_timeout=_seconds(t, "webhook_timeout", key, d.webhook_timeout),
+        webhook_retries=_int(t, "webhook_retries", key, d.webhook_retries, minimum=0, maximum=10),
+        mail_to=mail_to,
+        mail_from=mail_from,
+    )
+
+
+def _is_plain_address(value: str) -> bool:
+    """local@domain in printable ASCII, no spaces or angle brackets: it goes into MAIL FROM,
+    RCPT TO and headers as it is."""
+    local, at, domain = value.rpartition("@")
+    return (
+        bool(at and local and domain)
+        and value.isascii()
+        and value.isprintable()
+        and not any(c in value for c in ' <>"(),;:\\[]')
+        and len(value) <= 254
+    )
+
+
+def _parse_log(t: Mapping[str, Any], key: str) -> LogConfig:
+    _no_unknown_keys(t, attrs.fields_dict(LogConfig).keys(), key)
+    return LogConfig(format=_choice(t, "format", key, "text", ("text", "json")))  # type: ignore[arg-type]
 
 
 def _parse_spool(t: Mapping[str, Any], key: str) -> SpoolConfig:

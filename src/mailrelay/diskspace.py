@@ -38,12 +38,13 @@ class FreeSpace:
 
     def is_low(self, needed: int = 0) -> bool:
         """True when free space, less ``needed`` bytes (a declared SIZE), is under the floor."""
-        free = self._available()
+        free = self.available()
         if free is None:
             return False
         return free - needed < self._floor
 
-    def _available(self) -> int | None:
+    def available(self) -> int | None:
+        """Free bytes for us (cached for CACHE_SECONDS); None when statvfs fails."""
         now = self._clock.seconds()
         # A wall clock can step backwards: then the cached answer's age is unknown, measure.
         if self._checked_at is None or not 0 <= now - self._checked_at < CACHE_SECONDS:

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from mailrelay import __version__
+
+
+class WatchedState(Protocol):
+    def depth_now(self) -> Any: ...  # a monitor.QueueDepth (not imported: no cycle)
+
+    def oldest_age_now(self) -> float | None: ...
+
+    def free_bytes_now(self) -> int | None: ...
+
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -107,6 +117,21 @@ class Metrics:
             "Messages moved to the dead-letter area with at least one failed recipient.",
             registry=r,
         )
+        self.messages_deferred = Counter(
+            "mailrelay_messages_deferred_total",
+            "Delivery attempts that ended with recipients left to retry later.",
+            registry=r,
+        )
+        self.messages_expired = Counter(
+            "mailrelay_messages_expired_total",
+            "Messages given up on after spool.max_lifetime with recipients undelivered.",
+            registry=r,
+        )
+        self.recipients_bounced = Counter(
+            "mailrelay_recipients_bounced_total",
+            "Permanently failed recipients reported to the sender in a DSN.",
+            registry=r,
+        )
         self.messages_bounced = Counter(
             "mailrelay_messages_bounced_total",
             "Messages with a permanently failed recipient for which a DSN was sent to the sender.",
@@ -160,16 +185,59 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.upstream_last_success = Gauge(
+            "mailrelay_upstream_last_success_timestamp_seconds",
+            "When a provider last accepted a recipient (Unix time; 0: not since start).",
+            ["provider"],
+            registry=r,
+        )
+        self.alert_active = Gauge(
+            "mailrelay_alert_active",
+            "1 while an alert fires, by alert: backlog, oldest_age, disk_low,"
+            " provider_down:<provider>.",
+            ["alert"],
+            registry=r,
+        )
+        self.alert_notifications = Counter(
+            "mailrelay_alert_notifications_total",
+            "Alert notifications (firing, repeat, resolved) by channel (log, webhook, mail)"
+            " and result (sent, failed: given up after the channel's retries).",
+            ["channel", "result"],
+            registry=r,
+        )
         self._queue_depth = Gauge(
             "mailrelay_queue_depth",
-            "Messages in the spool's queue, by state.",
+            "Messages in the spool by state: ready, deferred, active (an attempt running),"
+            " held, failed (dead letters in failed/).",
             ["state"],
             registry=r,
         )
+        self._oldest_age = Gauge(
+            "mailrelay_queue_oldest_age_seconds",
+            "Age of the oldest message waiting for delivery (0 when none is).",
+            registry=r,
+        )
+        self._free_bytes = Gauge(
+            "mailrelay_spool_free_bytes",
+            "Free bytes on the spool's filesystem, for mailrelay's user (-1: cannot tell).",
+            registry=r,
+        )
+        self.start_time = Gauge(
+            "mailrelay_start_time_seconds",
+            "When this mailrelay process started (Unix time).",
+            registry=r,
+        )
 
-    def watch_queue(self, depth: Callable[[], dict[str, int]]) -> None:
-        """Read queue depth at scrape time instead of updating a gauge on every change."""
-        for state in ("ready", "deferred", "active", "held"):
-            self._queue_depth.labels(state).set_function(
-                lambda state=state: depth().get(state, 0)  # type: ignore[misc]
+    def watch(self, state: WatchedState) -> None:
+        """Read the queue's state at scrape time instead of updating gauges on every change."""
+        for name in ("ready", "deferred", "active", "held", "failed"):
+            self._queue_depth.labels(name).set_function(
+                lambda name=name: getattr(state.depth_now(), name)  # type: ignore[misc]
             )
+        self._oldest_age.set_function(lambda: state.oldest_age_now() or 0.0)
+        self._free_bytes.set_function(
+            lambda: -1 if (free := state.free_bytes_now()) is None else free
+        )
+
+    def watch_provider(self, name: str, last_success: Callable[[], float | None]) -> None:
+        self.upstream_last_success.labels(name).set_function(lambda: last_success() or 0.0)

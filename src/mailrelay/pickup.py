@@ -155,6 +155,7 @@ class MaildropPickup:
                 "{queue_id} picked up from maildrop: from=<{sender}> recipients={count}"
                 " size={size} client={client}",
                 queue_id=envelope.queue_id,
+                event="received",
                 sender=envelope.sender,
                 count=len(envelope.recipients),
                 size=result.size,

@@ -46,7 +46,7 @@ from mailrelay.outbound.results import Kind, OutboundMessage
 from mailrelay.outbound.router import RoutedResult, Router
 from mailrelay.spool.admin import ACTIVE, QueueCommandError, QueueEntry, SpoolAdmin
 from mailrelay.spool.format import CorruptSpoolFile, Envelope, Outcome, Status, last_outcomes
-from mailrelay.spool.store import HOLD, QUEUE, Spool
+from mailrelay.spool.store import HOLD, QUEUE, Spool, queue_id_time
 
 T = TypeVar("T")
 
@@ -112,6 +112,14 @@ def _scan_oldest_first(spool: Spool) -> list[tuple[str, float]]:
 def _removable(envelope: Envelope, final: dict[str, Outcome]) -> bool:
     """Every recipient delivered: the message can leave the spool with no record kept."""
     return all(r in final and final[r].status is Status.DELIVERED for r in envelope.recipients)
+
+
+@attrs.frozen
+class QueuedMessage:
+    queue_id: str
+    received_at: float
+    state: str  # ready, deferred, active
+    next_attempt: float | None  # when deferred
 
 
 class DeliveryQueue:
@@ -240,8 +248,36 @@ class DeliveryQueue:
             "held": len(self._held),
         }
 
+    def oldest(self, count: int) -> list[QueuedMessage]:
+        """The ``count`` messages longest in the queue (on hold ones aside), oldest first.
+
+        Queue IDs sort by acceptance time, so this needs no file read: one pass over the index.
+        """
+        return [
+            QueuedMessage(
+                queue_id=queue_id,
+                received_at=queue_id_time(queue_id),
+                state=(
+                    "active"
+                    if queue_id in self._active
+                    else "deferred"
+                    if queue_id in self._due
+                    else "ready"
+                ),
+                next_attempt=self._due.get(queue_id),
+            )
+            for queue_id in heapq.nsmallest(count, self._queued)
+        ]
+
     def enqueue(self, envelope: Envelope) -> None:
-        """A message the inbound side has just made durable."""
+        """A message the inbound side (or a DSN) has just made durable."""
+        self.log.info(
+            "{queue_id} queued: from=<{sender}> recipients={count}",
+            queue_id=envelope.queue_id,
+            event="queued",
+            sender=envelope.sender,
+            count=len(envelope.recipients),
+        )
         self._make_ready(envelope.queue_id)
 
     def _make_ready(self, queue_id: str) -> None:
@@ -356,6 +392,7 @@ class DeliveryQueue:
             self.log.error(
                 "{queue_id} is corrupt, moved to corrupt/: {reason}",
                 queue_id=queue_id,
+                event="corrupt",
                 reason=str(e),
             )
             self._metrics.corrupt_files.inc()
@@ -386,6 +423,7 @@ class DeliveryQueue:
             self.log.info(
                 "{queue_id} attempt {attempt} for {count} recipient(s)",
                 queue_id=queue_id,
+                event="attempt",
                 attempt=self._attempts[queue_id] + 1,
                 count=len(pending),
             )
@@ -430,16 +468,20 @@ class DeliveryQueue:
             self.log.warn(
                 "{queue_id} expired after {age:.0f}s with {count} recipient(s) undelivered",
                 queue_id=queue_id,
+                event="expired",
                 age=age,
                 count=len(expired),
             )
+            self._metrics.messages_expired.inc()
             final.update({o.recipient: o for o in expired})
             await self._finish(envelope, final, stored.body)
             return
         delay = self._policy.delay(self._attempts[queue_id], self._rand)
+        self._metrics.messages_deferred.inc()
         self.log.info(
             "{queue_id} deferred: {count} recipient(s), next attempt in {delay:.0f}s",
             queue_id=queue_id,
+            event="retry",
             count=len(still_pending),
             delay=delay,
         )
@@ -479,6 +521,7 @@ class DeliveryQueue:
             "{queue_id}: an attempt for {count} recipient(s) was interrupted (the relay stopped"
             " or crashed mid-attempt); retrying, possible duplicate",
             queue_id=queue_id,
+            event="possible_duplicate",
             count=len(interrupted),
         )
 
@@ -504,31 +547,40 @@ class DeliveryQueue:
                     "{queue_id} delivered to <{recipient}> via {provider}"
                     " in {elapsed:.3f}s: {reply}",
                     queue_id=queue_id,
+                    event="delivered",
                     recipient=result.recipient,
                     provider=r.provider,
                     elapsed=elapsed,
                     reply=result.reply,
                     queued_as=result.queued_as,
                 )
-            elif result.kind is Kind.PERMANENT:
-                self._metrics.recipients_failed.inc()
+                continue
+            # Failed for good (warn), or deferred to a later attempt (info): one line each.
+            permanent = result.kind is Kind.PERMANENT
+            counter = (
+                self._metrics.recipients_failed if permanent else self._metrics.recipients_deferred
+            )
+            counter.inc()
+            emit = self.log.warn if permanent else self.log.info
+            emit(
+                "{queue_id} {event} for <{recipient}> via {provider}: {reply}",
+                queue_id=queue_id,
+                event="failed" if permanent else "deferred",
+                recipient=result.recipient,
+                provider=r.provider,
+                reply=result.reply,
+                failure_class=result.failure.value if result.failure else None,
+                elapsed=elapsed,
+            )
+            if result.uncertain:
+                self._metrics.possible_duplicates.inc()
                 self.log.warn(
-                    "{queue_id} failed for <{recipient}> via {provider}: {reply}",
+                    "{queue_id} <{recipient}>: connection lost after the final dot;"
+                    " retrying, possible duplicate",
                     queue_id=queue_id,
+                    event="possible_duplicate",
                     recipient=result.recipient,
-                    provider=r.provider,
-                    reply=result.reply,
                 )
-            else:
-                self._metrics.recipients_deferred.inc()
-                if result.uncertain:
-                    self._metrics.possible_duplicates.inc()
-                    self.log.warn(
-                        "{queue_id} <{recipient}>: connection lost after the final dot;"
-                        " retrying, possible duplicate",
-                        queue_id=queue_id,
-                        recipient=result.recipient,
-                    )
 
     async def _finish(self, envelope: Envelope, final: dict[str, Outcome], body: bytes) -> None:
         queue_id = envelope.queue_id
@@ -542,10 +594,12 @@ class DeliveryQueue:
             # and the attempt's crash handler tries it again later.
             self._forget(queue_id)
             self._metrics.messages_bounced.inc()
+            self._metrics.recipients_bounced.inc(len(failed))
             self.log.warn(
                 "{queue_id} bounced: {count} recipient(s) failed permanently; DSN {dsn_id} to"
                 " <{sender}>",
                 queue_id=queue_id,
+                event="bounced",
                 count=len(failed),
                 dsn_id=dsn_id,
                 sender=envelope.sender,
@@ -558,6 +612,7 @@ class DeliveryQueue:
             self.log.warn(
                 "{queue_id} moved to failed/: {count} recipient(s) failed permanently",
                 queue_id=queue_id,
+                event="dead_letter",
                 count=len(failed),
             )
         else:
@@ -567,7 +622,9 @@ class DeliveryQueue:
             self._metrics.delivery_seconds.observe(
                 max(0.0, self._clock.seconds() - envelope.received_at)
             )
-            self.log.info("{queue_id} done: every recipient delivered", queue_id=queue_id)
+            self.log.info(
+                "{queue_id} done: every recipient delivered", queue_id=queue_id, event="done"
+            )
 
     async def _bounce(
         self, envelope: Envelope, failed: list[Outcome], body: bytes, reporting_mta: str

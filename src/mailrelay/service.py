@@ -10,6 +10,7 @@ outcomes), and the I/O thread pool last.
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,26 +18,42 @@ from typing import Any
 from twisted.application import internet, service, strports
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXServerEndpoint
-from twisted.logger import Logger
-from twisted.python import usage
+from twisted.logger import ILogObserver, Logger
+from twisted.python import components, usage
+from twisted.python.logfile import LogFile
 from twisted.python.threadpool import ThreadPool
 
 from mailrelay import __version__
+from mailrelay.alerts.mail import MailChannel
+from mailrelay.alerts.rules import (
+    AlertManager,
+    BacklogRule,
+    Channel,
+    DiskRule,
+    LogChannel,
+    OldestAgeRule,
+    ProviderDownRule,
+    Rule,
+)
+from mailrelay.alerts.webhook import WebhookChannel
 from mailrelay.blocking import BlockingRunner, ThreadRunner
-from mailrelay.config import Config, ConfigError, ProviderConfig, load
+from mailrelay.config import AlertsConfig, Config, ConfigError, ProviderConfig, load
 from mailrelay.control import ControlFactory
 from mailrelay.diskspace import FreeSpace
 from mailrelay.endpoints import parse_server_endpoint
 from mailrelay.inbound.factory import ProxyHeaderFactory, RelaySMTPFactory
+from mailrelay.logformat import json_observer
 from mailrelay.metrics import Metrics
+from mailrelay.monitor import Monitor
+from mailrelay.outbound.activity import Activity
 from mailrelay.outbound.maildir import MaildirProvider
 from mailrelay.outbound.pool import SMTPProvider
 from mailrelay.outbound.results import IProvider
 from mailrelay.outbound.router import Router
 from mailrelay.pickup import MaildropPickup
 from mailrelay.queue import DeliveryQueue, RetryPolicy
-from mailrelay.spool.store import Spool, SpoolBusy, SpoolLock
-from mailrelay.web import build_site
+from mailrelay.spool.store import FAILED, Spool, SpoolBusy, SpoolLock
+from mailrelay.web import Operations, build_site
 
 log = Logger(namespace="mailrelay")
 
@@ -50,7 +67,18 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: the embedded default)."],
+        [
+            "log-format",
+            None,
+            None,
+            "text or json: one JSON object per line on stdout (default: the config's [log]"
+            " format, else text).",
+        ],
     ]
+
+    def postOptions(self) -> None:
+        if self["log-format"] not in (None, "text", "json"):
+            raise usage.UsageError("--log-format must be text or json")
 
     def opt_version(self) -> None:
         print(f"mailrelay {__version__}")
@@ -63,7 +91,17 @@ class _SequentialMultiService(service.MultiService):
     MultiService.stopService calls every child's stopService at once and gathers the results,
     so the I/O thread pool would stop while the queue is still journalling the outcomes of
     in-flight attempts: those writes would never run (and stopService would never finish).
+
+    ``log_observer``, when set, becomes the application's log observer: twistd uses an
+    ILogObserver component of the application it runs instead of its own text observer.
     """
+
+    log_observer: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self.log_observer is not None and isinstance(parent, components.Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     def stopService(self) -> defer.Deferred[None]:
         service.Service.stopService(self)
@@ -114,6 +152,24 @@ class _QueueService(service.Service):
         super().stopService()
         self._pickup.stop_polling()
         return defer.Deferred.fromCoroutine(self._queue.stop())
+
+
+class _MonitorService(service.Service):
+    def __init__(self, monitor: Monitor) -> None:
+        self._monitor = monitor
+
+    def startService(self) -> None:
+        super().startService()
+        self._monitor.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._monitor.stop()
+
+
+class _ReadinessService(service.Service):
+    """Added after the listeners: running means mail is being accepted. At shutdown it stops
+    first, so /health/ready says 503 before the listeners close (a load balancer drains)."""
 
 
 class _SpoolLockService(service.Service):
@@ -201,12 +257,66 @@ def _build_provider(
     return SMTPProvider(config, reactor, metrics)
 
 
+def _alert_rules(config: AlertsConfig, min_free_space: int) -> list[Rule]:
+    rules: list[Rule] = []
+    if config.backlog > 0:
+        rules.append(BacklogRule(config.backlog, config.clear_ratio))
+    if config.oldest_age > 0:
+        rules.append(OldestAgeRule(config.oldest_age, config.clear_ratio))
+    disk_free = 2 * min_free_space if config.disk_free is None else config.disk_free
+    if disk_free > 0:
+        rules.append(DiskRule(disk_free, config.clear_ratio))
+    if config.provider_down:
+        rules.append(ProviderDownRule())
+    return rules
+
+
+def _alert_channels(config: Config, reactor: Any, router: Router, spool: Spool) -> list[Channel]:
+    alerts = config.alerts
+    channels: list[Channel] = [LogChannel()]
+    if alerts.webhook_url is not None:
+        channels.append(
+            WebhookChannel(
+                reactor,
+                alerts.webhook_url,
+                timeout=alerts.webhook_timeout,
+                retries=alerts.webhook_retries,
+            )
+        )
+    if alerts.mail_to is not None:
+        channels.append(
+            MailChannel(
+                reactor,
+                lambda: router.chain,
+                mail_from=alerts.mail_from or f"mailrelay@{config.smtp.hostname}",
+                mail_to=alerts.mail_to,
+                hostname=config.smtp.hostname,
+                new_id=spool.new_queue_id,
+            )
+        )
+    return channels
+
+
 def buildService(
-    reactor: Any, config: Config, metrics: Metrics | None = None
+    reactor: Any,
+    config: Config,
+    metrics: Metrics | None = None,
+    log_format: str | None = None,
+    log_file: str | None = None,
 ) -> service.MultiService:
-    """Every part of the relay, wired, as one service (nothing listens until it starts)."""
+    """Every part of the relay, wired, as one service (nothing listens until it starts).
+
+    ``log_format``: "json" makes the service carry a JSON log observer for twistd (the
+    command line's --log-format; by default the config's [log] format), writing to
+    ``log_file`` (twistd's --logfile) or else to stdout."""
     metrics = metrics if metrics is not None else Metrics()
     top = _SequentialMultiService()
+    if (log_format or config.log.format) == "json":
+        out: Any = sys.stdout
+        if log_file and log_file != "-":
+            # Rotated like twistd's own text log (1 MB files), so --logfile keeps its meaning.
+            out = LogFile.fromFullPath(log_file)
+        top.log_observer = json_observer(out)
 
     pool = ThreadPool(minthreads=1, maxthreads=8, name="mailrelay-io")
     runner = ThreadRunner(reactor, pool)
@@ -224,12 +334,14 @@ def buildService(
     _ThreadPoolService(pool).setServiceParent(top)
 
     providers = {p.name: _build_provider(p, reactor, runner, metrics) for p in config.providers}
+    activity = Activity(reactor)
     router = Router(
         [providers[name] for name in config.routing.default],
         {
             domain: [providers[name] for name in chain]
             for domain, chain in config.routing.sender_domains.items()
         },
+        activity=activity,
     )
     policy = RetryPolicy(
         initial=config.spool.retry_initial,
@@ -244,17 +356,15 @@ def buildService(
         metrics,
         reporting_mta=config.smtp.hostname if config.spool.bounce == "dsn" else None,
     )
-    metrics.watch_queue(queue.depth)
     pickup = MaildropPickup(reactor, spool, config.smtp, queue.enqueue, metrics)
     _QueueService(queue, pickup).setServiceParent(top)
     control = ControlFactory(queue, {"pickup": pickup.pickup})
     _ControlSocketService(reactor, spool.control_socket, control).setServiceParent(top)
 
-    free_space = (
-        FreeSpace(config.spool.path, config.spool.min_free_space, reactor)
-        if config.spool.min_free_space > 0
-        else None
-    )
+    # One statvfs reader for the MAIL check and the monitor; with the check off, the monitor
+    # still reads free space (for /health and the disk_low alert) through one with no floor.
+    disk = FreeSpace(config.spool.path, config.spool.min_free_space, reactor)
+    free_space = disk if config.spool.min_free_space > 0 else None
     factory = RelaySMTPFactory(
         config.smtp,
         reactor,
@@ -266,8 +376,41 @@ def buildService(
     )
     for description in _listen_endpoints(config):
         _smtp_listener(reactor, description, factory).setServiceParent(top)
-    site = build_site(reactor, reactor.seconds(), queue.depth, metrics)
-    strports.service(config.http.listen, site).setServiceParent(top)
+    readiness = _ReadinessService()
+
+    monitor = Monitor(
+        reactor,
+        queue,
+        router,
+        activity,
+        provider_kinds={p.name: p.kind for p in config.providers},
+        free_bytes=disk.available,
+        count_failed=lambda: runner.run(spool.count, FAILED),
+        accepting=lambda: bool(readiness.running),
+        interval=config.alerts.check_interval,
+    )
+    metrics.watch(monitor)
+    metrics.start_time.set(monitor.started_at)
+    for provider in router.providers:
+        metrics.watch_provider(provider.name, activity.last_success_time(provider.name))
+    alerts = AlertManager(
+        reactor,
+        _alert_rules(config.alerts, config.spool.min_free_space),
+        _alert_channels(config, reactor, router, spool),
+        metrics,
+        host=config.smtp.hostname,
+        repeat_interval=config.alerts.repeat_interval,
+    )
+    monitor.subscribe(alerts.evaluate)
+    _MonitorService(monitor).setServiceParent(top)
+    ops = Operations(
+        monitor=monitor,
+        alerts=alerts,
+        min_free_space=config.spool.min_free_space,
+        hostname=config.smtp.hostname,
+    )
+    strports.service(config.http.listen, build_site(ops, metrics)).setServiceParent(top)
+    readiness.setServiceParent(top)
 
     if all(p.kind == "maildir" for p in config.providers):
         log.warn(
@@ -293,18 +436,23 @@ def _load_or_exit(path: str | None) -> Config:
         raise SystemExit(f"mailrelay: config error: {e}") from None
 
 
-def _build_or_exit(config: Config) -> service.MultiService:
+def _build_or_exit(
+    config: Config, log_format: str | None = None, log_file: str | None = None
+) -> service.MultiService:
     from twisted.internet import reactor
 
     try:
-        return buildService(reactor, config)
+        return buildService(reactor, config, log_format=log_format, log_file=log_file)
     except ConfigError as e:
         raise SystemExit(f"mailrelay: config error: {e}") from None
 
 
 def makeService(options: Options) -> service.MultiService:
     """Entry point of ``twistd mailrelay``."""
-    return _build_or_exit(_load_or_exit(options["config"]))
+    # twistd's own --logfile, from the options it parsed before ours (none for a bare call).
+    parent = getattr(options, "parent", None)
+    log_file = parent.get("logfile") if parent is not None else None
+    return _build_or_exit(_load_or_exit(options["config"]), options["log-format"], log_file)
 
 
 def makeApplication(config_path: str | None) -> Any:

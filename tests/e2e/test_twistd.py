@@ -178,7 +178,8 @@ def test_health_metrics_and_methods(tmp_path: Path) -> None:
         status, body = http_get(relay.http_port, "/health")
         health = json.loads(body)
         assert status == 200 and health["status"] == "ok" and "uptime_seconds" in health
-        assert health["queue"]["total"] == 0
+        assert health["queue"]["queued"] == 0
+        assert health["providers"][0]["breaker"] == "closed"
         _, text = http_get(relay.http_port, "/metrics")
         assert b"# TYPE mailrelay_messages_received_total counter" in text
         request = urllib.request.Request(f"http://127.0.0.1:{relay.http_port}/health", data=b"x")

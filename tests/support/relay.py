@@ -64,8 +64,10 @@ class RelayProcess:
         smtp_port: int = 2525,
         http_port: int = 8025,
         use_tac: bool = False,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.workdir = workdir
+        self._extra_args = extra_args
         self.smtp_port = smtp_port
         self.http_port = http_port
         self.log_path = workdir / "twistd.log"
@@ -89,7 +91,7 @@ class RelayProcess:
         if self._use_tac:
             return [*common, "-y", str(REPO_ROOT / "relay.tac")]
         config = ["--config", str(self.config_path)] if self.config_path else []
-        return [*common, "mailrelay", *config]
+        return [*common, "mailrelay", *config, *self._extra_args]
 
     def start(self, timeout: float = 20.0) -> RelayProcess:
         env = dict(os.environ)

@@ -32,6 +32,8 @@ from mailrelay.outbound.results import (
     Kind,
     OutboundMessage,
     Progress,
+    ProviderError,
+    ProviderStatus,
     RecipientResult,
     all_results,
 )
@@ -265,6 +267,19 @@ class FakeProvider:
         self.delivered: list[OutboundMessage] = []
         self.held: list[tuple[OutboundMessage, defer.Deferred[list[RecipientResult]]]] = []
         self.closed = False
+        # What status() reports: set by a test (health, alerts, the status page).
+        self.state = "closed"
+        self.open_connections = 0
+        self.next_probe_at: float | None = None
+        self.last_setup_error: ProviderError | None = None
+
+    def status(self) -> ProviderStatus:
+        return ProviderStatus(
+            self.state,  # type: ignore[arg-type]
+            self.open_connections,
+            self.next_probe_at,
+            self.last_setup_error,
+        )
 
     def deliver(
         self, message: OutboundMessage, progress: Progress | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import attrs
 import pytest
 
 from mailrelay.cli.main import render_config
@@ -205,7 +206,17 @@ def test_implicit_tls_defaults_to_port_465() -> None:
             "breaker_max_cooldown = 10\n",
             "providers[0].breaker_max_cooldown: must not be less than breaker_cooldown",
         ),
-        ("[log]\nformat = 'json'\n", "log: unknown key"),
+        ("[log]\nformat = 'xml'\n", "log.format: must be one of text, json (got 'xml')"),
+        (
+            "[alerts]\nwebhook_url = 'ftp://x/token'\n",
+            "alerts.webhook_url: must be an http:// or https:// URL",
+        ),
+        (
+            "[alerts]\nmail_to = 'not an address'\n",
+            "alerts.mail_to: not a mail address: 'not an address'",
+        ),
+        ("[alerts]\nclear_ratio = 1.5\n", "alerts.clear_ratio: must be less than 1 (e.g. 0.8)"),
+        ("[alerts]\nbacklog = -1\n", "alerts.backlog: must be at least 0"),
         (
             "[smtp]\nlisten = ['tcp:2525']\n",
             "(set smtp.allow_networks to accept clients from other networks)",
@@ -372,6 +383,20 @@ def test_rendered_config_parses_back_to_the_same_values() -> None:
     with_networks = parse_text("[smtp]\nlisten='tcp:2525'\nallow_networks=['10.0.0.0/8']\n")
     again = parse(tomllib.loads(render_config(with_networks)))
     assert again.smtp == with_networks.smtp
+
+
+def test_rendered_alerts_hide_the_webhook_token() -> None:
+    config = parse_text(
+        "[alerts]\nbacklog = 5\nmail_to = 'ops@example.com'\n"
+        "webhook_url = 'https://bot:pw@hooks.example.com/services/T0/SECRET?token=XYZ'\n"
+        "[log]\nformat = 'json'\n"
+    )
+    rendered = render_config(config)
+    assert '# webhook_url = "https://hooks.example.com/..." (path hidden)' in rendered
+    assert "SECRET" not in rendered and "XYZ" not in rendered and "pw@" not in rendered
+    again = parse(tomllib.loads(rendered))
+    assert again.alerts == attrs.evolve(config.alerts, webhook_url=None)
+    assert again.log.format == "json"
 
 
 @pytest.mark.parametrize(

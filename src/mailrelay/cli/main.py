@@ -42,12 +42,23 @@ def _toml_value(value: Any) -> str:
     return f'"{text}"'
 
 
+def _url_origin(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0].split('?', 1)[0].rpartition('@')[2]}/..."
+
+
 def render_config(config: Config) -> str:
     """The effective configuration as TOML. It holds no secret, only where secrets come from."""
     out = [f"# effective configuration, from {config.source or 'the embedded default'}"]
-    for section in ("smtp", "limits", "http", "spool"):
+    for section in ("smtp", "limits", "http", "spool", "alerts", "log"):
         out.append(f"\n[{section}]")
         for key, value in attrs.asdict(getattr(config, section)).items():
+            if value is None:
+                continue  # not set (TOML has no null)
+            if section == "alerts" and key == "webhook_url":
+                # A webhook's path and query often carry its token: show where it goes only.
+                out.append(f"# {key} = {_toml_value(_url_origin(value))} (path hidden)")
+                continue
             out.append(f"{key} = {_toml_value(value)}")
     for provider in config.providers:
         out.append("\n[[providers]]")

@@ -30,6 +30,7 @@ from mailrelay.blocking import InlineRunner
 from mailrelay.cli import control_client
 from mailrelay.config import ConfigError, load
 from mailrelay.control import OfflineCommands, run_command
+from mailrelay.humanize import age
 from mailrelay.spool.admin import SpoolAdmin
 from mailrelay.spool.store import Spool, SpoolBusy
 
@@ -185,17 +186,6 @@ def _run_offline(root: Path, request: dict[str, Any]) -> dict[str, Any]:
 # -- output -----------------------------------------------------------------------------------
 
 
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    if seconds < 172800:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-
-
 def _size(n: int) -> str:
     for unit in ("", "K", "M"):
         if n < 1024:
@@ -233,11 +223,11 @@ def _render_list(entries: list[dict[str, Any]], now: float) -> str:
     counts: dict[str, int] = {}
     for e in entries:
         counts[e["state"]] = counts.get(e["state"], 0) + 1
-        age = "-" if e["received_at"] is None else _age(now - e["received_at"])
+        waited = "-" if e["received_at"] is None else age(now - e["received_at"])
         rcpt = f"{e['pending']}/{e['recipients']}"
         sender = "-" if e["sender"] is None else f"<{e['sender']}>"
         lines.append(
-            f"{e['queue_id']:<22}  {e['state']:<8}  {age:>6}  {_size(e['size']):>5}  "
+            f"{e['queue_id']:<22}  {e['state']:<8}  {waited:>6}  {_size(e['size']):>5}  "
             f"{rcpt:>7}  {_when(e['next_attempt']):<20}  {sender}"
         )
         if e["last_error"]:
@@ -253,7 +243,7 @@ def _render_show(report: dict[str, Any], now: float) -> str:
         f"queue id:     {report['queue_id']}",
         f"state:        {report['state']}",
         f"received:     {_when(received)}"
-        + ("" if received is None else f" ({_age(now - received)} ago)"),
+        + ("" if received is None else f" ({age(now - received)} ago)"),
         f"size:         {report['size']} bytes",
         f"sender:       <{report.get('sender') or ''}>",
         f"client:       {report.get('client', '-')} (helo {report.get('helo', '-')})",

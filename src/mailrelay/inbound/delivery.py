@@ -203,6 +203,7 @@ class RelayDelivery:
             "{queue_id} received from={sender} to={first_recipients} recipients={count}"
             " size={size} client={client}",
             queue_id=envelope.queue_id,
+            event="received",
             sender=f"<{envelope.sender}>",
             first_recipients=",".join(f"<{r}>" for r in recipients[:3]),
             count=len(recipients),

@@ -25,6 +25,7 @@ from mailrelay.outbound.results import (
     Kind,
     OutboundMessage,
     Progress,
+    ProviderStatus,
     RecipientResult,
     all_results,
 )
@@ -86,3 +87,7 @@ class MaildirProvider:
 
     def close(self) -> defer.Deferred[None]:
         return defer.succeed(None)
+
+    def status(self) -> ProviderStatus:
+        # A local directory has no breaker: a failed write is reported per message.
+        return ProviderStatus(state="closed", open_connections=0)

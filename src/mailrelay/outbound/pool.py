@@ -56,6 +56,8 @@ from mailrelay.outbound.results import (
     Kind,
     OutboundMessage,
     Progress,
+    ProviderError,
+    ProviderStatus,
     RecipientResult,
     all_results,
 )
@@ -120,12 +122,23 @@ class SMTPProvider:
         self._setup_failing = False
         # The half-open probe's client, from its connection attempt until its session is up.
         self._probe_client: RelayClient | None = None
+        # Why the last connection could not be set up (a probe's, say, with no message
+        # waiting): for /health, which otherwise sees only the errors messages met.
+        self._last_setup_error: ProviderError | None = None
         metrics.upstream_breaker_state.labels(self.name).set(0)
         metrics.upstream_open_connections.labels(self.name).set_function(lambda: len(self._clients))
 
     @property
     def open_connections(self) -> int:
         return len(self._clients)
+
+    def status(self) -> ProviderStatus:
+        return ProviderStatus(
+            state=self.breaker.state.value,
+            open_connections=len(self._clients),
+            next_probe_at=self.breaker.open_until,
+            last_setup_error=self._last_setup_error,
+        )
 
     @property
     def _connecting(self) -> int:
@@ -433,6 +446,7 @@ class SMTPProvider:
         failure_class = failure_class_of_stage(stage)
         code = getattr(error, "code", None)
         now = self._reactor.seconds()
+        self._last_setup_error = ProviderError(now, failure_class.value, detail)
         if not self._may_serve():
             self._fail_waiting(
                 f"provider {self.name} unavailable ({stage}: {detail})", failure_class

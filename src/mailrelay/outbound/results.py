@@ -117,6 +117,23 @@ OnTemporary = Literal["next", "defer"]
 OnPermanent = Literal["fail", "next"]
 
 
+@attrs.frozen
+class ProviderError:
+    at: float
+    failure: str  # a FailureClass value
+    reply: str  # the upstream's reply or our description, scrubbed like every reply
+
+
+@attrs.frozen
+class ProviderStatus:
+    """A provider's own view of itself, for /health and the status page."""
+
+    state: Literal["closed", "half-open", "open"]  # the circuit breaker's
+    open_connections: int
+    next_probe_at: float | None = None  # when open: the time of the half-open probe
+    last_setup_error: ProviderError | None = None  # the last connection that failed to set up
+
+
 class IProvider(Interface):
     name = Attribute("The provider's configured name.")
     on_temporary = Attribute(
@@ -136,6 +153,9 @@ class IProvider(Interface):
 
     def close() -> defer.Deferred[None]:
         """Stop taking work and close connections politely."""
+
+    def status() -> ProviderStatus:
+        """The breaker's state and the open connections, now."""
 
 
 def all_results(

@@ -25,6 +25,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mailrelay.outbound.activity import Activity
 from mailrelay.outbound.results import IProvider, Kind, OutboundMessage, RecipientResult
 
 
@@ -55,13 +56,22 @@ class Router:
         self,
         chain: Sequence[IProvider],
         sender_domains: Mapping[str, Sequence[IProvider]] | None = None,
+        activity: Activity | None = None,
     ) -> None:
+        """``activity``, if given, is told every provider's results (health, status page)."""
         if not chain:
             raise ValueError("a routing chain needs at least one provider")
         self.chain = tuple(chain)
         self._by_domain = {d.lower(): tuple(c) for d, c in (sender_domains or {}).items()}
         if any(not c for c in self._by_domain.values()):
             raise ValueError("a routing chain needs at least one provider")
+        self.activity = activity
+
+    @property
+    def providers(self) -> tuple[IProvider, ...]:
+        """Every provider of every chain, once each, the default chain's first."""
+        unique = {id(p): p for c in (self.chain, *self._by_domain.values()) for p in c}
+        return tuple(unique.values())
 
     def chain_for(self, sender: str) -> tuple[IProvider, ...]:
         domain = sender.rpartition("@")[2].lower() if "@" in sender else ""
@@ -114,6 +124,8 @@ class Router:
                 await record_settled(part, provider, has_next)
 
             results = await provider.deliver(attrs.evolve(message, recipients=remaining), progress)
+            if self.activity is not None:
+                self.activity.record(provider.name, message.queue_id, results)
             passed_on: list[RecipientResult] = []
             for result in results:
                 outcome[result.recipient] = RoutedResult(result, provider.name)
@@ -135,6 +147,5 @@ class Router:
         return [outcome[r] for r in message.recipients]
 
     def close(self) -> defer.Deferred[None]:
-        providers = {id(p): p for c in (self.chain, *self._by_domain.values()) for p in c}
-        d = defer.gatherResults([p.close() for p in providers.values()], consumeErrors=True)
+        d = defer.gatherResults([p.close() for p in self.providers], consumeErrors=True)
         return d.addCallback(lambda _: None)

@@ -145,6 +145,11 @@ def _records_after_magic(data: bytes) -> bytes:
     return data[len(JOURNAL_MAGIC) :] if data.startswith(JOURNAL_MAGIC) else b""
 
 
+def queue_id_time(queue_id: str) -> float:
+    """When a message was accepted, read back from its queue ID (see new_queue_id)."""
+    return int(queue_id[:14], 16) / 1_000_000
+
+
 def is_queue_id(name: str) -> bool:
     """Our IDs are 22 upper-case hex digits; anything else (a path, "..") names no message."""
     return len(name) == 22 and all(c in "0123456789ABCDEF" for c in name)
@@ -256,6 +261,17 @@ class Spool:
                 except FileNotFoundError:
                     continue  # removed while we looked
         return found
+
+    def count(self, area: str) -> int:
+        """How many messages an area holds (blocking): one scandir, no stat per file."""
+        if not self.fs.is_dir(self.area(area)):
+            return 0
+        with self.fs.scandir(self.area(area)) as entries:
+            return sum(
+                1
+                for entry in entries
+                if not entry.name.startswith(".") and not entry.name.endswith(JOURNAL_SUFFIX)
+            )
 
     def area_of(self, queue_id: str) -> str | None:
         """Which area holds the message (blocking); None if none does."""

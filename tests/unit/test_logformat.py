@@ -1,0 +1,108 @@
+"""The JSON log format: one object per line, named fields kept, objects never repr'd, and the
+observer handed to twistd through the application."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from twisted.application import service
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from mailrelay.config import parse
+from mailrelay.logformat import event_as_json, json_observer
+from mailrelay.service import Options, buildService
+
+
+def logged(emit: object = None) -> list[dict[str, object]]:
+    out = io.StringIO()
+    log = Logger(namespace="mailrelay.test", observer=json_observer(out))
+    log.info(
+        "{queue_id} delivered to <{recipient}> via {provider}",
+        queue_id="0644A1B2C3D4E5F6A7B8C9",
+        event="delivered",
+        recipient="a@example.com",
+        provider="primary",
+        elapsed=0.25,
+        queued_as=None,
+        protocol=object(),  # an object: never serialised
+        recipients=("a@example.com", "b@example.com"),
+    )
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_one_json_object_per_line_with_the_named_fields() -> None:
+    (record,) = logged()
+    assert record["message"] == "0644A1B2C3D4E5F6A7B8C9 delivered to <a@example.com> via primary"
+    assert record["level"] == "info" and record["namespace"] == "mailrelay.test"
+    assert record["time"].endswith("Z") and len(record["time"]) == 24
+    assert record["event"] == "delivered" and record["elapsed"] == 0.25
+    assert record["queued_as"] is None
+    assert record["recipients"] == ["a@example.com", "b@example.com"]
+    assert "protocol" not in record
+    assert not any(key.startswith("log_") for key in record)
+
+
+def test_a_failure_adds_error_and_traceback() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failure = Failure()
+    line = event_as_json(
+        {
+            "log_format": "attempt failed",
+            "log_level": LogLevel.critical,
+            "log_namespace": "mailrelay.queue",
+            "log_time": 1_800_000_000.5,
+            "log_failure": failure,
+        }
+    )
+    record = json.loads(line)
+    assert line.endswith("\n") and line.count("\n") == 1  # the traceback is escaped
+    assert record["time"] == "2027-01-15T08:00:00.500Z"
+    assert record["error"] == "boom" and "ValueError" in record["traceback"]
+
+
+def test_a_legacy_event_keeps_its_text_and_drops_its_internals() -> None:
+    record = json.loads(
+        event_as_json(
+            {
+                "message": ("Starting factory", "x"),
+                "system": "-",
+                "isError": 0,
+                "time": 1.0,
+                "log_legacy": True,
+                "log_format": "{log_text}",
+                "log_text": "Starting factory x",
+                "log_time": 1.0,
+            }
+        )
+    )
+    assert record["message"] == "Starting factory x"
+    assert "isError" not in record and "system" not in record
+
+
+def test_json_format_puts_an_observer_on_the_application(tmp_path: Path) -> None:
+    config = parse({"spool": {"path": str(tmp_path / "spool")}, "log": {"format": "json"}})
+    application = service.Application("mailrelay")
+    top = buildService(Clock(), config)
+    top.setServiceParent(application)
+    observer = application.getComponent(ILogObserver, None)
+    assert observer is not None
+    text = buildService(Clock(), parse({"spool": {"path": str(tmp_path / "spool2")}}))
+    plain = service.Application("mailrelay")
+    text.setServiceParent(plain)
+    assert plain.getComponent(ILogObserver, None) is None
+
+
+def test_the_command_line_option_is_checked() -> None:
+    options = Options()
+    options.parseOptions(["--log-format", "json"])
+    assert options["log-format"] == "json"
+    with pytest.raises(usage.UsageError, match="--log-format must be text or json"):
+        Options().parseOptions(["--log-format", "xml"])
