@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -83,6 +84,9 @@ class LimitsConfig:
 @attrs.frozen
 class HTTPConfig:
     listen: str = "tcp:8025:interface=127.0.0.1"
+    # At stop, /health/ready answers 503 for this many seconds before the SMTP listeners
+    # close, so a load balancer's health check notices and stops sending (0: close at once).
+    drain_time: float = 0.0
 
 
 @attrs.frozen
@@ -101,10 +105,16 @@ class AlertsConfig:
     # Hysteresis: a firing alert resolves only once its value is back below threshold times
     # this ratio (above it, for disk_free), so a value that hovers at the line fires once.
     clear_ratio: float = 0.8
+    # ... and only after its readings have been good this many seconds in a row, so a
+    # flapping provider is one alert, not one every minute; 0: at the first good reading.
+    clear_after: float = 60.0
     # While an alert stays active, notify again every this many seconds; 0: never again.
     repeat_interval: float = 3600.0
     # Channels besides the log. A webhook gets each notification as a JSON POST.
-    webhook_url: str | None = None
+    webhook_url: str | None = attrs.field(default=None, repr=False)  # its path may be a token
+    # http:// only to a loopback host, unless this is set: the URL's token would cross the
+    # network in clear.
+    webhook_insecure: bool = False
     webhook_timeout: float = 10.0
     webhook_retries: int = 3
     # Mail to an admin, sent straight through the first provider that takes mail, never
@@ -361,7 +371,9 @@ def _parse_http(t: Mapping[str, Any], key: str) -> HTTPConfig:
     _no_unknown_keys(t, attrs.fields_dict(HTTPConfig).keys(), key)
     listen = _str(t, "listen", key, d.listen)
     _check_server_endpoint(listen, f"{key}.listen", loopback_only=True, proxy_ok=False)
-    return HTTPConfig(listen=listen)
+    return HTTPConfig(
+        listen=listen, drain_time=_seconds(t, "drain_time", key, d.drain_time, zero_ok=True)
+    )
 
 
 def _parse_alerts(t: Mapping[str, Any], key: str) -> AlertsConfig:
@@ -371,31 +383,54 @@ def _parse_alerts(t: Mapping[str, Any], key: str) -> AlertsConfig:
     if clear_ratio >= 1:
         raise ConfigError(f"{key}.clear_ratio: must be less than 1 (e.g. 0.8)")
     webhook_url = _optional_str(t, "webhook_url", key)
+    webhook_insecure = _bool(t, "webhook_insecure", key, d.webhook_insecure)
     if webhook_url is not None:
-        scheme, _, rest = webhook_url.partition("://")
-        host = rest.split("/", 1)[0]
-        if scheme not in ("http", "https") or not host or any(c.isspace() for c in webhook_url):
-            # The URL itself is not repeated: a webhook's path often carries its token.
-            raise ConfigError(f"{key}.webhook_url: must be an http:// or https:// URL")
+        _check_webhook_url(webhook_url, webhook_insecure, f"{key}.webhook_url")
     mail_to = _optional_str(t, "mail_to", key)
     mail_from = _optional_str(t, "mail_from", key)
     for name, value in (("mail_to", mail_to), ("mail_from", mail_from)):
         if value is not None and not _is_plain_address(value):
             raise ConfigError(f"{key}.{name}: not a mail address: {value!r}")
+    check_interval = _seconds(t, "check_interval", key, d.check_interval)
+    if check_interval < 0.1:
+        # (Each reading keeps a chart point for an hour: 36 000 at the floor.)
+        raise ConfigError(f"{key}.check_interval: must be at least 0.1")
     return AlertsConfig(
-        check_interval=_seconds(t, "check_interval", key, d.check_interval),
+        check_interval=check_interval,
         backlog=_int(t, "backlog", key, d.backlog, minimum=0),
         oldest_age=_seconds(t, "oldest_age", key, d.oldest_age, zero_ok=True),
         disk_free=(_int(t, "disk_free", key, 0, minimum=0) if "disk_free" in t else d.disk_free),
         provider_down=_bool(t, "provider_down", key, d.provider_down),
         clear_ratio=clear_ratio,
+        clear_after=_seconds(t, "clear_after", key, d.clear_after, zero_ok=True),
         repeat_interval=_seconds(t, "repeat_interval", key, d.repeat_interval, zero_ok=True),
         webhook_url=webhook_url,
+        webhook_insecure=webhook_insecure,
         webhook_timeout=_seconds(t, "webhook_timeout", key, d.webhook_timeout),
         webhook_retries=_int(t, "webhook_retries", key, d.webhook_retries, minimum=0, maximum=10),
         mail_to=mail_to,
         mail_from=mail_from,
     )
+
+
+def _check_webhook_url(url: str, insecure: bool, key: str) -> None:
+    # The URL is never repeated in these errors: a webhook's path often carries its token.
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        raise ConfigError(f"{key}: not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: must be an http:// or https:// URL")
+    if not url.isascii() or any(c.isspace() or not c.isprintable() for c in url):
+        raise ConfigError(f"{key}: must be ASCII without spaces (percent-encode the rest)")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{key}: user:password@ in the URL is not supported")
+    if parts.scheme == "http" and not insecure and not is_loopback_host(parts.hostname):
+        raise ConfigError(
+            f"{key}: http:// to a host that is not loopback sends the URL's token in clear;"
+            " use https://, or set alerts.webhook_insecure = true"
+        )
 
 
 def _is_plain_address(value: str) -> bool:
@@ -404,6 +439,7 @@ def _is_plain_address(value: str) -> bool:
     local, at, domain = value.rpartition("@")
     return (
         bool(at and local and domain)
+        and "@" not in local
         and value.isascii()
         and value.isprintable()
         and not any(c in value for c in ' <>"(),;:\\[]')

@@ -33,10 +33,9 @@ class Health:
         return 503 if self.status == "failing" else 200
 
 
-def refusing_for_disk(reading: Reading, min_free_space: int) -> bool:
+def refusing_for_disk(free_bytes: int | None, min_free_space: int) -> bool:
     """Is new mail refused (452 4.3.1) for want of space? (diskspace.FreeSpace's rule)"""
-    free = reading.free_bytes
-    return min_free_space > 0 and free is not None and free < min_free_space
+    return min_free_space > 0 and free_bytes is not None and free_bytes < min_free_space
 
 
 def assess(reading: Reading, min_free_space: int, alerts: Sequence[ActiveAlert]) -> Health:
@@ -52,13 +51,18 @@ def assess(reading: Reading, min_free_space: int, alerts: Sequence[ActiveAlert])
         degraded.extend(
             f"provider {p.name} is down ({p.state})" for p in reading.providers if p.down
         )
-    if refusing_for_disk(reading, min_free_space):
+    if refusing_for_disk(reading.free_bytes, min_free_space):
         failing.append(
             f"{reading.free_bytes} bytes free on the spool's filesystem, below"
             f" spool.min_free_space ({min_free_space}): new mail is refused"
         )
     if not reading.accepting:
         failing.append("not accepting mail (starting or stopping)")
+    if not reading.delivering:
+        failing.append(
+            "the delivery queue is not running (starting, stopping, or it failed to start:"
+            " see the log)"
+        )
     # Provider alerts repeat what the breaker states above already say.
     degraded.extend(a.summary for a in alerts if not a.name.startswith("provider_down:"))
     if failing:
@@ -86,6 +90,7 @@ def document(
         "version": __version__,
         "uptime_seconds": round(reading.uptime, 3),
         "accepting": reading.accepting,
+        "delivering": reading.delivering,
         "queue": {
             "ready": d.ready,
             "deferred": d.deferred,

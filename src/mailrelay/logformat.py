@@ -13,6 +13,7 @@ twistd picks the observer up from the application (see service.makeService/makeA
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import IO, Any
 
@@ -46,6 +47,8 @@ def event_as_json(event: LogEvent) -> str:
     for key, value in event.items():
         if key.startswith("log_") or key in _LEGACY or key in record or not _plain(value):
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None  # JSON has no NaN or Infinity
         record[key] = value
     failure = event.get("log_failure")
     if failure is not None:

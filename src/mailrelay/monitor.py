@@ -82,7 +82,8 @@ class Reading:
     oldest_received_at: float | None  # of the oldest queued message, None when none is
     free_bytes: int | None  # on the spool's filesystem; None when statvfs fails
     providers: tuple[ProviderHealth, ...]
-    accepting: bool  # the SMTP listeners are up and mail is not refused for disk space
+    accepting: bool  # the SMTP listeners are up (disk space aside: see health.py)
+    delivering: bool = True  # the delivery queue runs (started, not stopping)
 
     @property
     def oldest_age(self) -> float | None:
@@ -118,6 +119,7 @@ class Monitor:
         count_failed: Callable[[], defer.Deferred[int]],
         accepting: Callable[[], bool],
         interval: float,
+        delivering: Callable[[], bool] = lambda: True,
         history_seconds: float = HISTORY_SECONDS,
     ) -> None:
         self._clock = clock
@@ -128,6 +130,7 @@ class Monitor:
         self._free_bytes = free_bytes
         self._count_failed = count_failed
         self._accepting = accepting
+        self._delivering = delivering
         self.interval = interval
         self.started_at = clock.seconds()
         self._failed = 0
@@ -187,6 +190,7 @@ class Monitor:
                 self._provider_health(p, id(p) in default_chain) for p in self._router.providers
             ),
             accepting=self._accepting(),
+            delivering=self._delivering(),
         )
 
     def history(self) -> list[QueueSample]:
@@ -200,7 +204,17 @@ class Monitor:
         return self._activity.recent_failures()
 
     def sample(self) -> None:
-        """One tick: a chart point, the listeners told, failed/ counted for the next tick."""
+        """One tick: a chart point, the listeners told, failed/ counted for the next tick.
+        Never raises: the loop must outlive a bad reading."""
+        try:
+            self._sample()
+        except Exception:
+            self.log.failure("a monitor reading failed")
+
+    def accepting_now(self) -> bool:
+        return self._accepting()
+
+    def _sample(self) -> None:
         reading = self.reading()
         d = reading.depth
         self._history.append(QueueSample(reading.at, d.ready, d.deferred, d.active, d.held))

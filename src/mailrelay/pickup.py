@@ -157,6 +157,7 @@ class MaildropPickup:
                 queue_id=envelope.queue_id,
                 event="received",
                 sender=envelope.sender,
+                first_recipients=list(envelope.recipients[:3]),
                 count=len(envelope.recipients),
                 size=result.size,
                 client=envelope.client,

@@ -46,7 +46,7 @@ from mailrelay.outbound.results import Kind, OutboundMessage
 from mailrelay.outbound.router import RoutedResult, Router
 from mailrelay.spool.admin import ACTIVE, QueueCommandError, QueueEntry, SpoolAdmin
 from mailrelay.spool.format import CorruptSpoolFile, Envelope, Outcome, Status, last_outcomes
-from mailrelay.spool.store import HOLD, QUEUE, Spool, queue_id_time
+from mailrelay.spool.store import HOLD, QUEUE, Spool, is_queue_id, queue_id_time
 
 T = TypeVar("T")
 
@@ -151,6 +151,10 @@ class DeliveryQueue:
         # FIFO, _due (deferred, with the heap), _active. The FIFO and the heap may hold stale
         # entries (a message held, deleted or rescheduled since); they are skipped when popped.
         self._queued: set[str] = set()
+        # The same IDs as a heap, oldest first, for the oldest message in O(1) (health and
+        # metrics ask often). IDs that left are dropped lazily from the top, and the heap is
+        # rebuilt when they are more than half of it.
+        self._by_age: list[str] = []
         self._ready: deque[str] = deque()
         self._due: dict[str, float] = {}
         self._deferred: list[tuple[float, str]] = []
@@ -206,7 +210,14 @@ class DeliveryQueue:
         for queue_id, next_attempt in scanned[start : start + INDEX_CHUNK]:
             if queue_id in self._queued or queue_id in left:
                 continue  # indexed since the scan (accepted, retried), or gone (held, done)
-            self._queued.add(queue_id)
+            if not is_queue_id(queue_id):
+                # Not ours (a file copied in by hand): never delivered, never counted.
+                self.log.warn(
+                    "ignoring {name} in queue/: not a queue ID (move it out of the spool)",
+                    name=queue_id,
+                )
+                continue
+            self._index(queue_id)
             if next_attempt > now:
                 # No deferral is ever longer than the backoff's cap: an mtime further ahead
                 # comes from a clock that was set back (or a hand-made file), not from us.
@@ -266,8 +277,16 @@ class DeliveryQueue:
                 ),
                 next_attempt=self._due.get(queue_id),
             )
-            for queue_id in heapq.nsmallest(count, self._queued)
+            for queue_id in self._oldest_ids(count)
         ]
+
+    def _oldest_ids(self, count: int) -> list[str]:
+        by_age = self._by_age
+        while by_age and by_age[0] not in self._queued:
+            heapq.heappop(by_age)
+        if count == 1:
+            return by_age[:1]
+        return heapq.nsmallest(count, self._queued)  # the status page's list: rare
 
     def enqueue(self, envelope: Envelope) -> None:
         """A message the inbound side (or a DSN) has just made durable."""
@@ -280,8 +299,15 @@ class DeliveryQueue:
         )
         self._make_ready(envelope.queue_id)
 
-    def _make_ready(self, queue_id: str) -> None:
+    def _index(self, queue_id: str) -> None:
         self._queued.add(queue_id)
+        heapq.heappush(self._by_age, queue_id)
+        if len(self._by_age) > 2 * len(self._queued) + 1024:
+            self._by_age = list(self._queued)
+            heapq.heapify(self._by_age)
+
+    def _make_ready(self, queue_id: str) -> None:
+        self._index(queue_id)
         self._due.pop(queue_id, None)
         if queue_id not in self._active:
             self._ready.append(queue_id)
@@ -701,7 +727,7 @@ class DeliveryQueue:
         self.log.info("{queue_id} put on hold by the operator", queue_id=queue_id)
 
     def _restore(self, queue_id: str, due: float | None) -> None:
-        self._queued.add(queue_id)
+        self._index(queue_id)
         if due is None:
             self._make_ready(queue_id)
         else:

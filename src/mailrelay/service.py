@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import internet, service, strports
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python import components, usage
@@ -135,6 +135,7 @@ class _QueueService(service.Service):
     def __init__(self, queue: DeliveryQueue, pickup: MaildropPickup) -> None:
         self._queue = queue
         self._pickup = pickup
+        self.delivering = False  # started, and not stopping: for /health
 
     def startService(self) -> None:
         super().startService()
@@ -147,8 +148,10 @@ class _QueueService(service.Service):
         await self._pickup.pickup()
         await self._queue.start()
         self._pickup.start_polling()
+        self.delivering = bool(self.running)
 
     def stopService(self) -> defer.Deferred[None]:
+        self.delivering = False
         super().stopService()
         self._pickup.stop_polling()
         return defer.Deferred.fromCoroutine(self._queue.stop())
@@ -169,7 +172,19 @@ class _MonitorService(service.Service):
 
 class _ReadinessService(service.Service):
     """Added after the listeners: running means mail is being accepted. At shutdown it stops
-    first, so /health/ready says 503 before the listeners close (a load balancer drains)."""
+    first, so /health/ready says 503 before the listeners close, and waits ``drain_time``
+    seconds so a load balancer's health check sees it and sends no new connection."""
+
+    def __init__(self, clock: Any, drain_time: float) -> None:
+        self._clock = clock
+        self._drain_time = drain_time
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        if self._drain_time <= 0:
+            return None
+        log.info("draining: /health/ready answers 503 for {seconds}s", seconds=self._drain_time)
+        return task.deferLater(self._clock, self._drain_time)
 
 
 class _SpoolLockService(service.Service):
@@ -329,9 +344,6 @@ def buildService(
         raise ConfigError(
             f"spool.path: cannot use {config.spool.path!r}: {e.strerror or e}"
         ) from None
-    # The lock first, so it is released last: after the I/O pool has finished its writes.
-    _SpoolLockService(lock).setServiceParent(top)
-    _ThreadPoolService(pool).setServiceParent(top)
 
     providers = {p.name: _build_provider(p, reactor, runner, metrics) for p in config.providers}
     activity = Activity(reactor)
@@ -357,9 +369,8 @@ def buildService(
         reporting_mta=config.smtp.hostname if config.spool.bounce == "dsn" else None,
     )
     pickup = MaildropPickup(reactor, spool, config.smtp, queue.enqueue, metrics)
-    _QueueService(queue, pickup).setServiceParent(top)
+    queue_service = _QueueService(queue, pickup)
     control = ControlFactory(queue, {"pickup": pickup.pickup})
-    _ControlSocketService(reactor, spool.control_socket, control).setServiceParent(top)
 
     # One statvfs reader for the MAIL check and the monitor; with the check off, the monitor
     # still reads free space (for /health and the disk_low alert) through one with no floor.
@@ -374,9 +385,7 @@ def buildService(
         free_space=free_space,
         limits=config.limits,
     )
-    for description in _listen_endpoints(config):
-        _smtp_listener(reactor, description, factory).setServiceParent(top)
-    readiness = _ReadinessService()
+    readiness = _ReadinessService(reactor, config.http.drain_time)
 
     monitor = Monitor(
         reactor,
@@ -387,6 +396,7 @@ def buildService(
         free_bytes=disk.available,
         count_failed=lambda: runner.run(spool.count, FAILED),
         accepting=lambda: bool(readiness.running),
+        delivering=lambda: queue_service.delivering,
         interval=config.alerts.check_interval,
     )
     metrics.watch(monitor)
@@ -400,16 +410,29 @@ def buildService(
         metrics,
         host=config.smtp.hostname,
         repeat_interval=config.alerts.repeat_interval,
+        clear_after=config.alerts.clear_after,
     )
     monitor.subscribe(alerts.evaluate)
-    _MonitorService(monitor).setServiceParent(top)
     ops = Operations(
         monitor=monitor,
         alerts=alerts,
         min_free_space=config.spool.min_free_space,
         hostname=config.smtp.hostname,
     )
-    strports.service(config.http.listen, build_site(ops, metrics)).setServiceParent(top)
+    site = build_site(ops, metrics)
+
+    # Started in this order, stopped in reverse. The lock first, so it is released last:
+    # after the I/O pool has finished its writes. HTTP before the queue, so /health answers
+    # while the queue drains at stop. Readiness last: at stop it turns /health/ready to 503
+    # first, and waits http.drain_time before the SMTP listeners close.
+    _SpoolLockService(lock).setServiceParent(top)
+    _ThreadPoolService(pool).setServiceParent(top)
+    strports.service(config.http.listen, site).setServiceParent(top)
+    queue_service.setServiceParent(top)
+    _ControlSocketService(reactor, spool.control_socket, control).setServiceParent(top)
+    _MonitorService(monitor).setServiceParent(top)
+    for description in _listen_endpoints(config):
+        _smtp_listener(reactor, description, factory).setServiceParent(top)
     readiness.setServiceParent(top)
 
     if all(p.kind == "maildir" for p in config.providers):
@@ -449,10 +472,17 @@ def _build_or_exit(
 
 def makeService(options: Options) -> service.MultiService:
     """Entry point of ``twistd mailrelay``."""
-    # twistd's own --logfile, from the options it parsed before ours (none for a bare call).
-    parent = getattr(options, "parent", None)
-    log_file = parent.get("logfile") if parent is not None else None
-    return _build_or_exit(_load_or_exit(options["config"]), options["log-format"], log_file)
+    config = _load_or_exit(options["config"])
+    log_format = options["log-format"] or config.log.format
+    # twistd's own options, parsed before ours (none for a bare call in a test).
+    parent = getattr(options, "parent", None) or {}
+    log_file = parent.get("logfile") or None
+    if log_format == "json" and parent.get("syslog"):
+        raise SystemExit("mailrelay: --log-format json and --syslog exclude each other")
+    if log_format == "json" and log_file is None and not parent.get("nodaemon", True):
+        # As twistd does for its text log: a daemon has no stdout to write to.
+        log_file = "twistd.log"
+    return _build_or_exit(config, log_format, log_file)
 
 
 def makeApplication(config_path: str | None) -> Any:

@@ -5,6 +5,7 @@ the default chain's only provider is down, and back when it returns."""
 from __future__ import annotations
 
 import json
+import signal
 import smtplib
 import time
 import urllib.error
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.net import free_port, wait_until
+from tests.support.net import free_port, port_accepts, wait_until
 from tests.support.relay import RelayProcess, relay_config, toml_value
 from tests.support.upstream import UpstreamProcess
 
@@ -135,8 +136,12 @@ def test_json_event_log_and_metric_values_after_a_scripted_run(tmp_path: Path) -
     received = by_event["received"]
     assert len(received) == 3
     first = next(e for e in received if e["count"] == 4)
-    assert first["first_recipients"] == "<ok0@example.com>,<ok1@example.com>,<ok2@example.com>"
-    assert first["sender"] == "<app@example.com>" and first["client"] == "127.0.0.1"
+    assert first["first_recipients"] == ["ok0@example.com", "ok1@example.com", "ok2@example.com"]
+    assert first["sender"] == "app@example.com" and first["client"] == "127.0.0.1"
+    assert (
+        "from=<app@example.com> to=<ok0@example.com>,<ok1@example.com>,<ok2@example.com>"
+        in (first["message"])
+    )
     queue_id = first["queue_id"]
     mine = [e for e in events if e.get("queue_id") == queue_id]
     assert [e["event"] for e in mine] == [
@@ -188,3 +193,23 @@ def test_health_fails_while_the_default_chain_is_down_and_recovers(tmp_path: Pat
         with UpstreamProcess(tmp_path / "upstream", port=upstream_port) as upstream:
             wait_until(lambda: status() == (200, "ok"), 20, what="/health ok again")
             upstream.wait_for_messages(1, timeout=20)
+
+
+def test_at_stop_ready_turns_503_while_smtp_and_http_still_answer(tmp_path: Path) -> None:
+    smtp_port, http_port = free_port(), free_port()
+    text = relay_config(tmp_path / "spool", smtp_port, http_port, None)
+    text = text.replace("[spool]", "drain_time = 3.0\n[spool]", 1)  # into [http]
+    relay = RelayProcess(tmp_path, text, smtp_port, http_port)
+    with relay:
+        assert get(http_port, "/health/ready")[0] == 200
+        assert relay._proc is not None
+        relay._proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: get(http_port, "/health/ready")[0] == 503, 5, what="ready 503")
+        # Draining: a load balancer's check sees 503 while mail is still taken.
+        assert port_accepts("127.0.0.1", smtp_port)
+        code, body = get(http_port, "/health")
+        assert code == 503 and "not accepting mail" in json.loads(body)["reasons"][0]
+        # twistd ends a clean stop by re-raising the signal it got.
+        assert relay._proc.wait(timeout=20) in (0, -signal.SIGTERM)
+    assert "draining: /health/ready answers 503 for 3.0s" in relay.log_path.read_text()
+    assert "Server Shut Down." in relay.log_path.read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -124,11 +125,16 @@ class RelayProcess:
             with urllib.request.urlopen(
                 f"http://127.0.0.1:{self.http_port}/health", timeout=2
             ) as response:
-                return bool(response.status)
-        except urllib.error.HTTPError:
-            return True  # an answer (a 503 while degraded, say): the reactor runs
+                body = response.read()
+        except urllib.error.HTTPError as e:
+            body = e.read()  # a 503 while failing (a provider down, say): the reactor runs
         except (OSError, ValueError):
             return False
+        try:
+            # Up means delivering too: the queue starts a moment after the listeners.
+            return bool(json.loads(body).get("delivering", True))
+        except ValueError:
+            return True
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as in a crash."""

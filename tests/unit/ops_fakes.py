@@ -77,10 +77,14 @@ class OpsRig:
         )
 
     def alert_manager(
-        self, rules: list[Rule], channels: list[Any], repeat_interval: float = 3600.0
+        self,
+        rules: list[Rule],
+        channels: list[Any],
+        repeat_interval: float = 3600.0,
+        clear_after: float = 0.0,
     ) -> AlertManager:
         manager = AlertManager(
-            self.clock, rules, channels, self.metrics, "relay.test", repeat_interval
+            self.clock, rules, channels, self.metrics, "relay.test", repeat_interval, clear_after
         )
         self.monitor.subscribe(manager.evaluate)
         return manager

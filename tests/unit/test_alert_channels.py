@@ -19,7 +19,13 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailrelay import __version__
-from mailrelay.alerts.mail import AlertMailError, MailChannel, build_message
+from mailrelay.alerts.mail import (
+    MAX_IN_FLIGHT,
+    PROVIDER_WAIT,
+    AlertMailError,
+    MailChannel,
+    build_message,
+)
 from mailrelay.alerts.rules import Channel, Notice
 from mailrelay.alerts.webhook import (
     MAX_RESPONSE_BODY,
@@ -28,7 +34,7 @@ from mailrelay.alerts.webhook import (
     WebhookOverloaded,
     origin,
 )
-from mailrelay.outbound.results import IProvider, Kind, OutboundMessage, ProviderStatus
+from mailrelay.outbound.results import IProvider, Kind, OutboundMessage
 from tests.unit.fakes import FakeProvider, LogCapture, answer_all, failure_of, result_of
 
 TOKEN = "T0000/B0000/XXXXsecretXXXX"
@@ -455,9 +461,6 @@ class Provider(FakeProvider):
         super().__init__(name, answer_all(kind))
         self.state = state
 
-    def status(self) -> ProviderStatus:
-        return ProviderStatus(state=self.state, open_connections=0)
-
 
 class Ids:
     def __init__(self) -> None:
@@ -668,6 +671,34 @@ def test_mail_waits_for_a_slow_provider_before_the_next() -> None:
     slow.release()
     assert result_of(d) is None
     assert len(other.delivered) == 1
+
+
+def test_mail_moves_on_from_a_provider_that_never_answers() -> None:
+    clock = task.Clock()
+    hung = Provider("hung")
+    hung.hold = True  # its delivery never ends
+    other = Provider("other")
+    d = mail_channel(hung, other, clock=clock).send(notice())
+    clock.advance(PROVIDER_WAIT - 1)
+    assert not d.called and other.delivered == []
+    clock.advance(1)
+    assert result_of(d) is None
+    assert len(other.delivered) == 1
+    assert clock.getDelayedCalls() == []
+
+
+def test_mail_sends_at_most_max_in_flight_at_once() -> None:
+    hung = Provider("hung")
+    hung.hold = True
+    channel = mail_channel(hung)
+    pending = [channel.send(notice()) for _ in range(MAX_IN_FLIGHT)]
+    f = failure_of(channel.send(notice()))
+    assert f.check(AlertMailError) and "dropped" in f.getErrorMessage()
+    assert len(hung.delivered) == MAX_IN_FLIGHT
+    hung.hold = False
+    hung.release()
+    assert all(result_of(d) is None for d in pending)
+    assert result_of(channel.send(notice())) is None
 
 
 def test_mail_reads_the_chain_at_each_send() -> None:

@@ -148,6 +148,23 @@ def test_a_provider_alert_fires_when_open_and_resolves_only_when_closed() -> Non
     assert recorder.notices[-1].summary == "provider primary is up again"
 
 
+def test_a_flapping_provider_is_one_alert_until_it_stays_up_for_clear_after() -> None:
+    rig = ops_rig(interval=10)
+    recorder = Recorder()
+    rig.alert_manager([ProviderDownRule()], [recorder], repeat_interval=0, clear_after=60)
+    started(rig)
+    primary = rig.router.chain[0]
+    for state in ("open", "closed", "closed", "open", "closed", "half-open", "closed"):
+        primary.state = state
+        rig.clock.advance(10)
+    assert recorder.kinds() == [("provider_down:primary", "firing")]
+    rig.clock.pump([10] * 5)  # closed for 50 s in a row
+    assert len(recorder.notices) == 1
+    rig.clock.advance(10)  # 60 s
+    assert recorder.kinds()[-1] == ("provider_down:primary", "resolved")
+    assert len(recorder.notices) == 2
+
+
 def test_every_channel_gets_each_notice_and_failures_are_counted() -> None:
     rig = ops_rig(interval=10)
     recorder = Recorder()

@@ -217,6 +217,21 @@ def test_implicit_tls_defaults_to_port_465() -> None:
         ),
         ("[alerts]\nclear_ratio = 1.5\n", "alerts.clear_ratio: must be less than 1 (e.g. 0.8)"),
         ("[alerts]\nbacklog = -1\n", "alerts.backlog: must be at least 0"),
+        ("[alerts]\ncheck_interval = 0.01\n", "alerts.check_interval: must be at least 0.1"),
+        (
+            "[alerts]\nwebhook_url = 'https://bot:SECRET@hooks.example.com/x'\n",
+            "alerts.webhook_url: user:password@ in the URL is not supported",
+        ),
+        (
+            "[alerts]\nwebhook_url = 'http://hooks.example.com/SECRET'\n",
+            "alerts.webhook_url: http:// to a host that is not loopback sends the URL's token"
+            " in clear; use https://, or set alerts.webhook_insecure = true",
+        ),
+        (
+            "[alerts]\nwebhook_url = 'https://h\u00f6oks.example.com/SECRET'\n",
+            "alerts.webhook_url: must be ASCII without spaces (percent-encode the rest)",
+        ),
+        ("[alerts]\nmail_to = 'a@b@example.com'\n", "alerts.mail_to: not a mail address"),
         (
             "[smtp]\nlisten = ['tcp:2525']\n",
             "(set smtp.allow_networks to accept clients from other networks)",
@@ -274,6 +289,7 @@ def test_errors_name_the_key(text: str, message: str) -> None:
         parse_text(text)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+    assert "SECRET" not in str(error.value)  # a webhook token is never repeated
 
 
 def test_file_errors_are_one_line(tmp_path: Path) -> None:
@@ -388,12 +404,12 @@ def test_rendered_config_parses_back_to_the_same_values() -> None:
 def test_rendered_alerts_hide_the_webhook_token() -> None:
     config = parse_text(
         "[alerts]\nbacklog = 5\nmail_to = 'ops@example.com'\n"
-        "webhook_url = 'https://bot:pw@hooks.example.com/services/T0/SECRET?token=XYZ'\n"
+        "webhook_url = 'https://hooks.example.com/services/T0/SECRET?token=XYZ'\n"
         "[log]\nformat = 'json'\n"
     )
     rendered = render_config(config)
-    assert '# webhook_url = "https://hooks.example.com/..." (path hidden)' in rendered
-    assert "SECRET" not in rendered and "XYZ" not in rendered and "pw@" not in rendered
+    assert '# webhook_url = "https://hooks.example.com:443/..." (path hidden)' in rendered
+    assert "SECRET" not in rendered and "XYZ" not in rendered
     again = parse(tomllib.loads(rendered))
     assert again.alerts == attrs.evolve(config.alerts, webhook_url=None)
     assert again.log.format == "json"

@@ -106,3 +106,12 @@ def test_the_command_line_option_is_checked() -> None:
     assert options["log-format"] == "json"
     with pytest.raises(usage.UsageError, match="--log-format must be text or json"):
         Options().parseOptions(["--log-format", "xml"])
+
+
+def test_nan_and_infinity_are_null() -> None:
+    record = json.loads(
+        event_as_json(
+            {"log_format": "x", "log_time": 1.0, "ratio": float("nan"), "top": float("inf")}
+        )
+    )
+    assert record["ratio"] is None and record["top"] is None

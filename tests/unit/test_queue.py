@@ -591,3 +591,44 @@ def test_eight_bit_body_is_flagged_even_without_body_8bitmime(tmp_path: Path) ->
     queue_id2 = store(w.spool, envelope(qid(2), (A,)), b"Subject: plain\r\n\r\nx\r\n")
     w.queue.enqueue(envelope(queue_id2, (A,)))
     assert [m.body_8bit for m in w.providers[0].delivered] == [True, False]
+
+
+# -- the oldest message (health, metrics, the status page) ------------------------------------
+
+
+def test_oldest_is_the_smallest_id_and_follows_departures(tmp_path: Path) -> None:
+    provider = FakeProvider("p1", hold=True)
+    w = World(tmp_path, provider)
+    w.start()
+    for n in (5, 3, 9):
+        w.add(n)
+    (oldest,) = w.queue.oldest(1)
+    assert (oldest.queue_id, oldest.state) == (qid(3), "active")
+    assert [m.queue_id for m in w.queue.oldest(3)] == [qid(3), qid(5), qid(9)]
+    provider.release()  # every message delivered and gone
+    assert w.queue.oldest(1) == [] and w.queue.oldest(3) == []
+
+
+def test_the_oldest_index_stays_small_while_an_old_message_waits(tmp_path: Path) -> None:
+    def answer(m: OutboundMessage) -> list[RecipientResult]:
+        kind = Kind.TEMPORARY if m.queue_id == qid(1) else Kind.DELIVERED
+        return all_results(m, kind, "451 later" if kind is Kind.TEMPORARY else "250 ok")
+
+    w = World(tmp_path, FakeProvider("p1", answer))
+    w.start()
+    w.add(1)  # deferred, and stays the oldest
+    for n in range(2, 1502):
+        w.add(n)  # each delivered and gone at once
+    assert [m.queue_id for m in w.queue.oldest(1)] == [qid(1)]
+    assert w.queue.oldest(1)[0].state == "deferred"
+    assert len(w.queue._by_age) <= 2 * 1 + 1024  # departed IDs do not pile up
+
+
+def test_a_file_in_queue_that_is_not_a_queue_id_is_ignored(tmp_path: Path) -> None:
+    w = World(tmp_path, FakeProvider("p1", hold=True))
+    w.put(7)
+    (w.spool.queue / "README").write_bytes(b"copied in by hand\n")
+    w.start()
+    w.clock.advance(1)  # the index is built in chunks
+    assert [m.queue_id for m in w.queue.oldest(5)] == [qid(7)]
+    assert sum(w.queue.depth().values()) == 1

@@ -374,7 +374,8 @@ def test_resource_serves_the_page_from_live_monitor_data_with_a_strict_csp() -> 
     headers = request.responseHeaders
     assert headers.getRawHeaders(b"content-type") == [b"text/html; charset=utf-8"]
     assert headers.getRawHeaders(b"content-security-policy") == [
-        b"default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+        b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none';"
+        b" base-uri 'none'; form-action 'none'"
     ]
     text = b"".join(request.written).decode()
     assert 'data-state="closed"' in element(text, "tr", data_provider="up")

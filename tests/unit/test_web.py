@@ -8,7 +8,7 @@ import json
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.web.server import Site
-from twisted.web.test.requesthelper import DummyRequest
+from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
 from mailrelay.alerts.rules import BacklogRule
 from mailrelay.outbound.results import FailureClass, Kind, ProviderError, RecipientResult
@@ -259,3 +259,78 @@ def test_a_failed_connection_setup_is_the_last_error_and_skips_are_not() -> None
     assert isinstance(providers, list)
     assert (providers[0]["last_error_class"], providers[0]["last_error"]) == ("connect", "refused")
     assert [f.queue_id for f in rig.activity.recent_failures()] == ["Q1"]
+
+
+def render_with_host(site: Site, path: bytes, host: bytes) -> DummyRequest:
+    request = DummyRequest(path.strip(b"/").split(b"/"))
+    request.client = LOCAL
+    request.requestHeaders.setRawHeaders(b"host", [host])
+    resource = site.getResourceFor(request)
+    body = resource.render(request)
+    if isinstance(body, bytes):
+        request.write(body)
+    return request
+
+
+@pytest.mark.parametrize(
+    "host", [b"127.0.0.1:8025", b"localhost:8025", b"[::1]:8025", b"127.0.0.1", b"localhost"]
+)
+def test_a_host_header_naming_this_machine_is_served(host: bytes) -> None:
+    site, _ = make_site()
+    assert render_with_host(site, b"/health", host).responseCode in (None, 200)
+
+
+@pytest.mark.parametrize(
+    "host", [b"evil.example:8025", b"127.0.0.1.nip.io", b"[2001:db8::1]:8025", b"evil.example"]
+)
+@pytest.mark.parametrize("path", [b"/", b"/health", b"/metrics"])
+def test_a_foreign_host_header_is_refused_against_dns_rebinding(host: bytes, path: bytes) -> None:
+    site, _ = make_site()
+    request = render_with_host(site, path, host)
+    assert request.responseCode == 403
+    assert b"Host must be this machine" in body_of(request)
+
+
+@pytest.mark.parametrize("path", [b"/health/live/x", b"/metrics/x", b"/health/ready/x"])
+def test_paths_below_a_leaf_are_404(path: bytes) -> None:
+    site, _ = make_site()
+    request = render(site, path)
+    assert request.responseCode == 404
+    assert request.responseHeaders.getRawHeaders(b"cache-control") == [b"no-store"]
+    assert request.responseHeaders.getRawHeaders(b"x-content-type-options") == [b"nosniff"]
+
+
+def test_a_request_body_is_never_stored() -> None:
+    site, _ = make_site()
+    request = site.requestFactory(DummyChannel(), False)
+    request.gotLength(50 * 2**20)
+    for _ in range(10):
+        request.handleContentChunk(b"x" * 2**20)
+    assert request.content.getvalue() == b""
+
+
+def test_a_queue_that_is_not_delivering_is_failing() -> None:
+    rig = ops_rig()
+    delivering = [False]
+    rig.monitor._delivering = lambda: delivering[0]
+    site = build_site(rig.operations(), rig.metrics)
+    code, body = health(site)
+    assert (code, body["status"], body["delivering"]) == (503, "failing", False)
+    reasons = body["reasons"]
+    assert isinstance(reasons, list) and reasons[0].startswith("the delivery queue is not running")
+    delivering[0] = True
+    assert health(site)[:1] == (200,)
+
+
+def test_a_reading_that_fails_does_not_stop_the_monitor() -> None:
+    rig = ops_rig(interval=10)
+    readings: list[int] = []
+    rig.monitor.subscribe(lambda r: readings.append(r.depth.queued))
+    rig.monitor.start()
+    real_oldest = rig.queue.oldest
+    rig.queue.oldest = lambda count: 1 / 0  # type: ignore[assignment,method-assign]
+    rig.clock.advance(10)
+    rig.queue.oldest = real_oldest  # type: ignore[method-assign]
+    rig.queue.add(2)
+    rig.clock.advance(10)
+    assert readings == [0, 2]

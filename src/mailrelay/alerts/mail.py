@@ -20,7 +20,8 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mailrelay.alerts.rules import Notice
+from mailrelay.alerts.rules import ChannelError, Notice
+from mailrelay.humanize import utc
 from mailrelay.outbound.results import IProvider, Kind, OutboundMessage, RecipientResult
 
 # RFC 5322 2.1.1: a line is at most 998 octets plus CRLF.
@@ -29,12 +30,26 @@ MAX_LINE = 998
 MAX_SUBJECT = 200
 # Any one field of the body (a summary may quote a provider's reply) is cut at this length.
 MAX_FIELD = 2000
+# Alert mails being sent at once, at most: each may wait for a provider's timeouts, and a
+# flapping alert must not pile them up (past it a notification fails at once, unsent).
+MAX_IN_FLIGHT = 10
+# How long one provider may take with an alert mail before the next is tried: past every
+# stage timeout of a healthy session, short of an alert that arrives an hour late.
+PROVIDER_WAIT = 300.0
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
-class AlertMailError(Exception):
+class AlertMailError(ChannelError):
     """No provider took the alert mail; the message names each provider's reason."""
+
+
+@attrs.frozen
+class _Answer:
+    """How one provider's try ended: its results, or why there are none."""
+
+    results: list[RecipientResult] | None = None
+    error: str = ""
 
 
 @attrs.frozen
@@ -52,10 +67,6 @@ def one_line(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def utc(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
 def _number(value: float | None) -> str:
     if value is None:
         return "-"
@@ -66,7 +77,9 @@ def _encoded_subject(subject: str) -> str:
     """The Subject field's value: ASCII as it is, anything else as RFC 2047 encoded words,
     folded with CRLF + space so no line gets near the limit."""
     subject = one_line(subject, MAX_SUBJECT)
-    if subject.isascii():
+    if subject.isascii() and "=?" not in subject:
+        # (An upstream reply quoted in a summary could hold "=?utf-8?...?=", which a mail
+        # reader would decode into other text: then it is encoded itself.)
         return subject
     return Header(subject, "utf-8", header_name="Subject").encode(linesep="\r\n")
 
@@ -146,8 +159,11 @@ class MailChannel:
         mail_to: str,
         hostname: str,
         new_id: Callable[[], str],
+        max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         self._clock = reactor
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
         self._providers = providers
         self._mail_from = mail_from
         self._mail_to = mail_to
@@ -155,6 +171,13 @@ class MailChannel:
         self._new_id = new_id
 
     def send(self, notice: Notice) -> defer.Deferred[None]:
+        if self._in_flight >= self._max_in_flight:
+            return defer.fail(
+                AlertMailError(
+                    f"{self._in_flight} alert mails already being sent;"
+                    f" {notice.name} ({notice.kind}) dropped"
+                )
+            )
         queue_id = self._new_id()
         body = build_message(
             notice,
@@ -171,7 +194,13 @@ class MailChannel:
             body=body,
             body_8bit=False,  # build_message writes 7-bit only
         )
-        return defer.Deferred.fromCoroutine(self._deliver(notice, message))
+        self._in_flight += 1
+
+        def done(result: object) -> object:
+            self._in_flight -= 1
+            return result
+
+        return defer.Deferred.fromCoroutine(self._deliver(notice, message)).addBoth(done)
 
     def candidates(self) -> list[IProvider]:
         """The providers to try, in order: closed breakers first, then the rest."""
@@ -208,10 +237,35 @@ class MailChannel:
 
     async def _try(self, provider: IProvider, message: OutboundMessage) -> str | None:
         """None if ``provider`` delivered ``message``, else why not."""
+        # A provider whose delivery never ends (a bug, a pool stuck behind a hung upstream)
+        # must not hold the alert forever: after PROVIDER_WAIT the next one is tried. The
+        # delivery itself is not cancelled, so the admin may get this alert twice.
+        answered: defer.Deferred[_Answer] = defer.Deferred()
+
+        def settle(answer: _Answer) -> None:
+            if not answered.called:
+                answered.callback(answer)
+
         try:
-            results: list[RecipientResult] = await provider.deliver(message)
-        except Exception as e:  # deliver() must not fail; if it does, it is one more reason
-            return f"{type(e).__name__}: {e}"
+            delivery = provider.deliver(message)
+        except Exception as e:  # deliver() must not fail; if it does, one more reason
+            settle(_Answer(error=f"{type(e).__name__}: {e}"))
+        else:
+            delivery.addCallbacks(
+                lambda results: settle(_Answer(results=results)),
+                lambda f: settle(_Answer(error=f"{type(f.value).__name__}: {f.value}")),
+            )
+        timer = self._clock.callLater(
+            PROVIDER_WAIT, settle, _Answer(error=f"no answer within {PROVIDER_WAIT:.0f}s")
+        )
+        try:
+            answer = await answered
+        finally:
+            if timer.active():
+                timer.cancel()
+        if answer.results is None:
+            return answer.error
+        results = answer.results
         if results and all(r.kind is Kind.DELIVERED for r in results):
             return None
         failed = [r for r in results if r.kind is not Kind.DELIVERED]

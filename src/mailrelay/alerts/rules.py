@@ -3,7 +3,9 @@
 Each rule looks at a monitor reading and says, per condition, whether it is bad (fire) or good
 (resolve); in between, an alert keeps its state. So a backlog that hovers at its threshold
 fires once, and resolves once when it has really drained (below threshold x clear_ratio).
-While an alert stays active it is sent again every ``repeat_interval`` seconds.
+A firing alert resolves only after ``clear_after`` seconds of good readings in a row, so a
+provider whose breaker flaps (open, closed, open...) is one alert, not a notification a
+minute. While an alert stays active it is sent again every ``repeat_interval`` seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from mailrelay.metrics import Metrics
 from mailrelay.monitor import Reading
 
 NoticeKind = Literal["firing", "repeat", "resolved"]
+
+
+class ChannelError(Exception):
+    """A channel gave up on a notification; the text is safe to log (no secret in it)."""
 
 
 @attrs.frozen
@@ -183,6 +189,7 @@ class AlertManager:
         metrics: Metrics,
         host: str,
         repeat_interval: float,
+        clear_after: float = 0.0,
     ) -> None:
         self._clock = clock
         self._rules = tuple(rules)
@@ -190,7 +197,9 @@ class AlertManager:
         self._metrics = metrics
         self._host = host
         self._repeat_interval = repeat_interval
+        self._clear_after = clear_after
         self._active: dict[str, ActiveAlert] = {}
+        self._good_since: dict[str, float] = {}  # firing alerts whose readings are good
         self._last_sent: dict[str, float] = {}
 
     def active(self) -> list[ActiveAlert]:
@@ -212,11 +221,16 @@ class AlertManager:
                         self._notify(c, "firing", since=now, now=now)
                     continue
                 if c.good:
+                    good_since = self._good_since.setdefault(c.name, now)
+                    if now - good_since < self._clear_after:
+                        continue  # good, but not for long enough yet
                     del self._active[c.name]
+                    del self._good_since[c.name]
                     self._last_sent.pop(c.name, None)
                     self._metrics.alert_active.labels(c.name).set(0)
                     self._notify(c, "resolved", since=active.since, now=now)
                     continue
+                self._good_since.pop(c.name, None)
                 self._active[c.name] = attrs.evolve(active, summary=c.summary, value=c.value)
                 if (
                     self._repeat_interval > 0
@@ -241,12 +255,19 @@ class AlertManager:
 
     def _not_sent(self, failure: Failure, channel: Channel, notice: Notice) -> None:
         self._metrics.alert_notifications.labels(channel.name, "failed").inc()
+        # A channel's own errors are phrased to be shown (no webhook URL, no secret); anything
+        # else could quote what it was given, so only its type is logged.
+        error = (
+            failure.getErrorMessage()
+            if isinstance(failure.value, ChannelError)
+            else type(failure.value).__name__
+        )
         self.log.error(
             "alert {alert} ({status}) could not be sent by {channel}: {error}",
             alert=notice.name,
             status=notice.kind,
             channel=channel.name,
-            error=failure.getErrorMessage(),
+            error=error,
             event="alert_not_sent",
         )
 

@@ -7,6 +7,7 @@ token), so it never appears in a log line or an error: only its origin (scheme:/
 from __future__ import annotations
 
 import json
+import re
 from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -22,7 +23,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from mailrelay import __version__
-from mailrelay.alerts.rules import Notice
+from mailrelay.alerts.rules import ChannelError, Notice
 
 # What is read of a response body; the rest is not downloaded (the connection is closed), so
 # a hostile or broken endpoint cannot grow our memory or hold the attempt open.
@@ -36,7 +37,7 @@ MAX_BACKOFF = 60.0
 _RETRY_STATUSES = frozenset({408, 429})
 
 
-class WebhookError(Exception):
+class WebhookError(ChannelError):
     """The webhook did not take a notification (after the retries it was worth)."""
 
 
@@ -223,8 +224,8 @@ class WebhookChannel:
                     f" {notice.name} ({notice.kind}) dropped"
                 )
             )
-        self._in_flight += 1
         body = json.dumps(notice.as_json()).encode("utf-8")
+        self._in_flight += 1
         d = defer.Deferred.fromCoroutine(self._deliver(notice, body))
 
         def done(result: object) -> object:
@@ -263,9 +264,11 @@ class WebhookChannel:
 
     async def _attempt(self, body: bytes) -> None:
         """One POST; returns if taken, raises _Retryable or WebhookError otherwise."""
-        d = self._post(body)
-        d.addTimeout(self._timeout, self._reactor, onTimeoutCancel=self._timed_out)
         try:
+            # Inside the try: the Agent can fail at once (a host name IDNA refuses), with an
+            # error that quotes the URL, and that too goes through _describe.
+            d = self._post(body)
+            d.addTimeout(self._timeout, self._reactor, onTimeoutCancel=self._timed_out)
             code, retry_after = await d
         except _Retryable:
             raise
@@ -326,11 +329,12 @@ class WebhookChannel:
     def _scrub(self, text: str) -> str:
         """Remove the URL, and its path and query, should an error message quote them."""
         parts = urlsplit(self._url)
-        text = text.replace(self._url, self.origin)
+        text = re.sub(re.escape(self._url), self.origin, text, flags=re.IGNORECASE)
         secret = parts.path + (f"?{parts.query}" if parts.query else "")
-        for s in (secret, parts.query, parts.path, parts.password or ""):
-            if len(s) > 1:
-                text = text.replace(s, "<redacted>")
+        for s in (secret, parts.query, parts.path, parts.password, parts.username):
+            if s and len(s) >= 4:  # (a shorter one would blank every such letter)
+                # Case-insensitive: some errors lower-case what they quote (IDNA does).
+                text = re.sub(re.escape(s), "<redacted>", text, flags=re.IGNORECASE)
         return text
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from mailrelay import __version__
+from mailrelay.alerts.webhook import origin
 from mailrelay.cli import queue, sendmail
 from mailrelay.config import Config, ConfigError, load
 
@@ -42,11 +43,6 @@ def _toml_value(value: Any) -> str:
     return f'"{text}"'
 
 
-def _url_origin(url: str) -> str:
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.split('/', 1)[0].split('?', 1)[0].rpartition('@')[2]}/..."
-
-
 def render_config(config: Config) -> str:
     """The effective configuration as TOML. It holds no secret, only where secrets come from."""
     out = [f"# effective configuration, from {config.source or 'the embedded default'}"]
@@ -57,7 +53,7 @@ def render_config(config: Config) -> str:
                 continue  # not set (TOML has no null)
             if section == "alerts" and key == "webhook_url":
                 # A webhook's path and query often carry its token: show where it goes only.
-                out.append(f"# {key} = {_toml_value(_url_origin(value))} (path hidden)")
+                out.append(f"# {key} = {_toml_value(origin(value) + '/...')} (path hidden)")
                 continue
             out.append(f"{key} = {_toml_value(value)}")
     for provider in config.providers:

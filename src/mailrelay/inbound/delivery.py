@@ -200,12 +200,13 @@ class RelayDelivery:
     def _accepted(self, envelope: Envelope, size: int) -> None:
         recipients = envelope.recipients
         self.log.info(
-            "{queue_id} received from={sender} to={first_recipients} recipients={count}"
+            "{queue_id} received from=<{sender}> to={to} recipients={count}"
             " size={size} client={client}",
             queue_id=envelope.queue_id,
             event="received",
-            sender=f"<{envelope.sender}>",
-            first_recipients=",".join(f"<{r}>" for r in recipients[:3]),
+            sender=envelope.sender,
+            to=",".join(f"<{r}>" for r in recipients[:3]),
+            first_recipients=list(recipients[:3]),
             count=len(recipients),
             size=size,
             client=envelope.client,

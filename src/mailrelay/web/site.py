@@ -13,6 +13,7 @@ reactor (pitfall 31). Rendering a registry of this size takes well under a milli
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -25,7 +26,7 @@ from mailrelay.alerts.rules import ActiveAlert
 from mailrelay.health import Health, assess, document, refusing_for_disk
 from mailrelay.metrics import Metrics
 from mailrelay.monitor import Monitor, Reading
-from mailrelay.netaddr import is_local_peer
+from mailrelay.netaddr import is_local_peer, is_loopback_host
 from mailrelay.web.status import StatusView, render_status_page
 
 # How many oldest messages and recent failures the status page lists.
@@ -49,25 +50,53 @@ class Operations:
 
 def _json(request: IRequest, body: dict[str, Any]) -> bytes:
     request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
     return json.dumps(body).encode() + b"\n"
 
 
+def _host_is_loopback(request: IRequest) -> bool:
+    """The Host header names this machine (127.0.0.1, [::1], localhost), or there is none.
+
+    A page on a hostile site whose name is re-pointed at 127.0.0.1 (DNS rebinding) makes the
+    browser send its own name here: that request is refused, so no other site can read the
+    status page or /health through a browser on this host. A request without Host (HTTP/1.0,
+    HAProxy's health check) comes from a program, not from such a page."""
+    raw = request.getHeader(b"host")
+    if raw is None:
+        return True
+    host = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+    if host.startswith("["):
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    return is_loopback_host(name)
+
+
+def _plain(request: IRequest, code: int, text: bytes) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    return text
+
+
 class _LocalGetResource(resource.Resource):
-    """403 for a non-loopback client, 405 (from Resource.render) for anything but GET/HEAD."""
+    """403 for a non-loopback client or a Host header that is not this machine, 405 (from
+    Resource.render) for anything but GET/HEAD, 404 for a path below a leaf."""
 
     isLeaf = True
 
     def render(self, request: IRequest) -> bytes:
+        # On every answer, errors included: nothing here is for caches or content sniffing.
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"server", b"mailrelay")
         if not is_local_peer(request.getClientAddress()):
-            request.setResponseCode(403)
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"Forbidden: local clients only\n"
+            return _plain(request, 403, b"Forbidden: local clients only\n")
+        if not _host_is_loopback(request):
+            return _plain(request, 403, b"Forbidden: Host must be this machine\n")
         if request.method not in (b"GET", b"HEAD"):
-            request.setResponseCode(405)
             request.setHeader(b"allow", b"GET, HEAD")
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"Method Not Allowed\n"
+            return _plain(request, 405, b"Method Not Allowed\n")
+        if getattr(request, "postpath", None):
+            return _plain(request, 404, b"Not Found\n")  # /health/live/x, //health
         result: bytes = super().render(request)
         return result
 
@@ -94,10 +123,12 @@ class ReadyResource(_LocalGetResource):
         self._ops = ops
 
     def render_GET(self, request: IRequest) -> bytes:
-        reading = self._ops.monitor.reading()
+        monitor = self._ops.monitor
         # Not ready while mail is turned away at the door (starting, stopping, disk full); a
         # provider outage does not count: accepted mail waits safely in the spool.
-        ready = reading.accepting and not refusing_for_disk(reading, self._ops.min_free_space)
+        ready = monitor.accepting_now() and not refusing_for_disk(
+            monitor.free_bytes_now(), self._ops.min_free_space
+        )
         request.setResponseCode(200 if ready else 503)
         return _json(request, {"status": "ready" if ready else "not ready"})
 
@@ -132,22 +163,34 @@ class StatusPageResource(_LocalGetResource):
             refresh_seconds=max(5, int(monitor.interval)),
         )
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-store")
-        # Nothing from elsewhere may load or run: the page is inline HTML, CSS and SVG.
+        # Nothing from elsewhere may load or run, and the page may not be framed: it is
+        # inline HTML, CSS and SVG.
         request.setHeader(
             b"content-security-policy",
-            b"default-src 'none'; style-src 'unsafe-inline'; img-src data:",
+            b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none';"
+            b" base-uri 'none'; form-action 'none'",
         )
-        request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"x-frame-options", b"DENY")
         return render_status_page(view)
 
 
 class NotFoundResource(_LocalGetResource):
     def render_GET(self, request: IRequest) -> bytes:
-        request.setResponseCode(404)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"Not Found\n"
+        return _plain(request, 404, b"Not Found\n")
+
+
+class _NoBody(io.BytesIO):
+    """A request body's store that keeps nothing: no resource here reads a body, and a
+    large POST from any web page (a "simple" cross-origin request) must not fill memory or
+    a temporary file before it is answered 405."""
+
+    def write(self, data: Any) -> int:
+        return len(data)
+
+
+class _BodylessRequest(server.Request):
+    def gotLength(self, length: int | None) -> None:
+        self.content = _NoBody()
 
 
 class _Node(resource.Resource):
@@ -173,6 +216,6 @@ def build_site(ops: Operations, metrics: Metrics) -> server.Site:
     health.putChild(b"ready", ReadyResource(ops))
     root.putChild(b"health", health)
     root.putChild(b"metrics", MetricsResource(metrics))
-    site = server.Site(root)
+    site = server.Site(root, requestFactory=_BodylessRequest)
     site.displayTracebacks = False
     return site
