@@ -9,12 +9,14 @@ outcomes), and the I/O thread pool last.
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
+import attrs
 from twisted.application import internet, service, strports
 from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXServerEndpoint
@@ -42,7 +44,7 @@ from mailrelay.control import ControlFactory
 from mailrelay.diskspace import FreeSpace
 from mailrelay.endpoints import parse_server_endpoint
 from mailrelay.inbound.factory import ProxyHeaderFactory, RelaySMTPFactory
-from mailrelay.logformat import json_observer
+from mailrelay.logformat import log_observer
 from mailrelay.metrics import Metrics
 from mailrelay.monitor import Monitor
 from mailrelay.outbound.activity import Activity
@@ -312,26 +314,59 @@ def _alert_channels(config: Config, reactor: Any, router: Router, spool: Spool) 
     return channels
 
 
+@attrs.frozen
+class LogSettings:
+    """How twistd was asked to log, from the plugin's command line (see makeService)."""
+
+    format: str | None = None  # --log-format; None: the config's [log] format
+    file: str | None = None  # twistd's --logfile; None or "-": stdout
+    daemon: bool = False  # twistd without -n
+    syslog: bool = False  # twistd's --syslog
+
+
+def _log_output(settings: LogSettings, reactor: Any) -> IO[str]:
+    """Where twistd's own text observer would write, so --logfile keeps its meaning."""
+    if settings.file in (None, "-") and not settings.daemon:
+        return sys.stdout
+    if settings.file == "-":
+        raise SystemExit("Daemons cannot log to stdout, exiting!")  # twistd's words
+    # Rotated like twistd's text log (1 MB files), and on SIGUSR1 as twistd does.
+    log_file = LogFile.fromFullPath(settings.file or "twistd.log")
+    if not signal.getsignal(signal.SIGUSR1):
+        signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(log_file.rotate))
+    return cast(IO[str], log_file)
+
+
+def _log_observer(
+    config: Config, settings: LogSettings | None, reactor: Any
+) -> ILogObserver | None:
+    """Our observer for the application (see logformat.py), or None: twistd's own.
+
+    Under relay.tac (``settings`` None) twistd's options are out of sight: its own text
+    observer stays, and JSON goes to stdout. With --syslog, twistd's syslog observer."""
+    log_format = (settings.format if settings else None) or config.log.format
+    if settings is None:
+        return log_observer("json", sys.stdout, reactor) if log_format == "json" else None
+    if settings.syslog:
+        if log_format == "json":
+            raise SystemExit("mailrelay: --log-format json and --syslog exclude each other")
+        return None
+    return log_observer(log_format, _log_output(settings, reactor), reactor)
+
+
 def buildService(
     reactor: Any,
     config: Config,
     metrics: Metrics | None = None,
-    log_format: str | None = None,
-    log_file: str | None = None,
+    log_settings: LogSettings | None = None,
 ) -> service.MultiService:
     """Every part of the relay, wired, as one service (nothing listens until it starts).
 
-    ``log_format``: "json" makes the service carry a JSON log observer for twistd (the
-    command line's --log-format; by default the config's [log] format), writing to
-    ``log_file`` (twistd's --logfile) or else to stdout."""
+    ``log_settings``: the plugin's logging options; the service carries the log observer
+    twistd is to use (see _log_observer)."""
     metrics = metrics if metrics is not None else Metrics()
     top = _SequentialMultiService()
-    if (log_format or config.log.format) == "json":
-        out: Any = sys.stdout
-        if log_file and log_file != "-":
-            # Rotated like twistd's own text log (1 MB files), so --logfile keeps its meaning.
-            out = LogFile.fromFullPath(log_file)
-        top.log_observer = json_observer(out)
+    top.log_observer = _log_observer(config, log_settings, reactor)
 
     pool = ThreadPool(minthreads=1, maxthreads=8, name="mailrelay-io")
     runner = ThreadRunner(reactor, pool)
@@ -459,30 +494,26 @@ def _load_or_exit(path: str | None) -> Config:
         raise SystemExit(f"mailrelay: config error: {e}") from None
 
 
-def _build_or_exit(
-    config: Config, log_format: str | None = None, log_file: str | None = None
-) -> service.MultiService:
+def _build_or_exit(config: Config, log_settings: LogSettings | None = None) -> service.MultiService:
     from twisted.internet import reactor
 
     try:
-        return buildService(reactor, config, log_format=log_format, log_file=log_file)
+        return buildService(reactor, config, log_settings=log_settings)
     except ConfigError as e:
         raise SystemExit(f"mailrelay: config error: {e}") from None
 
 
 def makeService(options: Options) -> service.MultiService:
     """Entry point of ``twistd mailrelay``."""
-    config = _load_or_exit(options["config"])
-    log_format = options["log-format"] or config.log.format
     # twistd's own options, parsed before ours (none for a bare call in a test).
     parent = getattr(options, "parent", None) or {}
-    log_file = parent.get("logfile") or None
-    if log_format == "json" and parent.get("syslog"):
-        raise SystemExit("mailrelay: --log-format json and --syslog exclude each other")
-    if log_format == "json" and log_file is None and not parent.get("nodaemon", True):
-        # As twistd does for its text log: a daemon has no stdout to write to.
-        log_file = "twistd.log"
-    return _build_or_exit(config, log_format, log_file)
+    settings = LogSettings(
+        format=options["log-format"],
+        file=parent.get("logfile") or None,
+        daemon=not parent.get("nodaemon", True),
+        syslog=bool(parent.get("syslog")),
+    )
+    return _build_or_exit(_load_or_exit(options["config"]), settings)
 
 
 def makeApplication(config_path: str | None) -> Any:

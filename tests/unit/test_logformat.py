@@ -10,13 +10,21 @@ from pathlib import Path
 import pytest
 from twisted.application import service
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEventAsClassicLogText
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from mailrelay.config import parse
-from mailrelay.logformat import event_as_json, json_observer
-from mailrelay.service import Options, buildService
+from mailrelay.logformat import (
+    BUFFER_LIMIT,
+    LineObserver,
+    LineSink,
+    _StampCache,
+    classic_text,
+    event_as_json,
+    json_observer,
+)
+from mailrelay.service import LogSettings, Options, _log_observer, buildService
 
 
 def logged(emit: object = None) -> list[dict[str, object]]:
@@ -115,3 +123,95 @@ def test_nan_and_infinity_are_null() -> None:
         )
     )
     assert record["ratio"] is None and record["top"] is None
+
+
+# -- the text format: twistd's line, made cheaper, written once per reactor turn ---------------
+
+
+class RunningClock(Clock):
+    running = True
+
+
+def classic_events() -> list[dict[str, object]]:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failure = Failure()
+    base = {
+        "log_time": 1_800_000_000.25,
+        "log_namespace": "mailrelay.q",
+        "log_level": LogLevel.info,
+    }
+    return [
+        base
+        | {"log_format": "{queue_id} delivered in {elapsed:.3f}s", "queue_id": "Q", "elapsed": 0.5},
+        base | {"log_format": "two\nlines {x!r}", "x": "y"},
+        base | {"log_format": "missing {nope}"},
+        base | {"log_format": "call {f()}", "f": lambda: 42},
+        base | {"log_format": "failed", "log_failure": failure},
+        base | {"log_format": "{log_text}", "log_text": "legacy", "log_system": "-"},
+        base | {"log_format": "no level"} | {"log_level": None},
+        {"log_format": "nothing else"},
+        base | {"message": ("no format",)},
+    ]
+
+
+def test_classic_text_is_twistds_line() -> None:
+    render = classic_text(_StampCache())
+    for event in classic_events():
+        assert render(event) == formatEventAsClassicLogText(event), event
+
+
+def test_lines_are_written_once_per_reactor_turn() -> None:
+    out = io.StringIO()
+    clock = RunningClock()
+    sink_observer = LineObserver(
+        classic_text(_StampCache()), LineSink(out, clock, in_reactor_thread=lambda: True)
+    )
+    for event in classic_events()[:3]:
+        sink_observer(event)
+    assert out.getvalue() == ""  # buffered for this turn
+    clock.advance(0)
+    assert out.getvalue().count("\n") >= 3
+    assert out.getvalue().startswith(formatEventAsClassicLogText(classic_events()[0]) or "")
+
+
+def test_lines_from_another_thread_or_a_stopped_reactor_are_written_at_once() -> None:
+    out = io.StringIO()
+    clock = RunningClock()
+    in_thread = [True]
+    sink = LineSink(out, clock, in_reactor_thread=lambda: in_thread[0])
+    sink.write("first\n")
+    in_thread[0] = False
+    sink.write("second\n")  # from a thread: what was buffered goes first
+    assert out.getvalue() == "first\nsecond\n"
+    in_thread[0] = True
+    clock.running = False
+    sink.write("third\n")
+    assert out.getvalue() == "first\nsecond\nthird\n"
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_full_buffer_is_written_without_waiting_for_the_turn() -> None:
+    out = io.StringIO()
+    sink = LineSink(out, RunningClock(), in_reactor_thread=lambda: True)
+    line = "x" * 1023 + "\n"
+    for _ in range(BUFFER_LIMIT // len(line)):
+        sink.write(line)
+    assert len(out.getvalue()) == BUFFER_LIMIT
+
+
+def test_plugin_log_settings_follow_twistds_rules(tmp_path: Path) -> None:
+    config = parse({"spool": {"path": str(tmp_path / "spool")}})
+    reactor = RunningClock()
+    assert isinstance(_log_observer(config, LogSettings(), reactor), LineObserver)
+    assert _log_observer(config, LogSettings(syslog=True), reactor) is None  # twistd's syslog
+    with pytest.raises(SystemExit, match="--syslog"):
+        _log_observer(config, LogSettings(format="json", syslog=True), reactor)
+    with pytest.raises(SystemExit, match="Daemons cannot log to stdout"):
+        _log_observer(config, LogSettings(file="-", daemon=True), reactor)
+    log_file = tmp_path / "relay.log"
+    observer = _log_observer(config, LogSettings(file=str(log_file), format="json"), reactor)
+    assert observer is not None
+    observer({"log_format": "hello {who}", "who": "file", "log_time": 1.0})
+    assert json.loads(log_file.read_text())["message"] == "hello file"
