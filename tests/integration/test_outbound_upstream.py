@@ -8,6 +8,7 @@ from twisted.trial.unittest import TestCase
 
 from mailrelay.config import ProviderConfig
 from mailrelay.metrics import Metrics
+from mailrelay.outbound.payload import ONE_WRITE_LIMIT, PIECE
 from mailrelay.outbound.pool import SMTPProvider
 from mailrelay.outbound.results import Kind, OutboundMessage
 from mailrelay.outbound.router import Router
@@ -72,6 +73,21 @@ class OutboundAgainstRealUpstream(TestCase):
         (stored,) = self.upstream.messages()
         assert stored["body"] == body
         assert stored["mail_from"] == "app@example.com"
+
+    async def test_a_large_body_goes_in_pieces_and_arrives_byte_identical(self) -> None:
+        # Past ONE_WRITE_LIMIT the payload is written a piece at a time; dot lines sit at
+        # piece boundaries (PIECE).
+        body = bytearray(b"Subject: big\r\n\r\n")
+        for boundary in range(PIECE, 3 * ONE_WRITE_LIMIT, PIECE):
+            while len(body) < boundary - 80:
+                body += b"c" * 78 + b"\r\n"
+            body += b"d" * (boundary - len(body) - 2) + b"\r\n"
+            body += b".\r\n" if boundary % (2 * PIECE) else b"..x\r\n"
+        provider = self.make_provider(self.upstream.port)
+        results = await provider.deliver(outbound("Q1", bytes(body)))
+        assert [r.kind for r in results] == [Kind.DELIVERED]
+        (stored,) = self.upstream.messages()
+        assert stored["body"] == bytes(body)
 
     async def test_messages_reuse_the_pool_connections(self) -> None:
         provider = self.make_provider(self.upstream.port, connections=2)

@@ -7,8 +7,17 @@ import re
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.testing import StringTransport
 
-from mailrelay.outbound.payload import build_data_payload, normalize_line_endings, unstuff
+from mailrelay.outbound.payload import (
+    ONE_WRITE_LIMIT,
+    PIECE,
+    build_data_payload,
+    data_payload_pieces,
+    normalize_line_endings,
+    send_data_payload,
+    unstuff,
+)
 
 BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
@@ -132,3 +141,65 @@ def test_property_normalisation_leaves_only_crlf(body: bytes) -> None:
     assert out.replace(b"\r\n", b"") == body.replace(b"\r\n", b"").replace(b"\r", b"").replace(
         b"\n", b""
     )
+
+
+# -- a large body, in pieces as the connection takes them -------------------------------------
+
+
+@given(
+    st.lists(
+        st.sampled_from([b".", b"..x", b"x", b"", b"y" * 40, b".\r", b"z" * 300]), max_size=80
+    ).map(lambda lines: b"\r\n".join(lines)),
+    st.integers(min_value=1, max_value=200),
+)
+def test_pieces_make_the_same_payload_wherever_they_are_cut(body: bytes, piece: int) -> None:
+    pieces = list(data_payload_pieces(body, piece=piece))
+    assert b"".join(pieces) == build_data_payload(body)
+    assert_well_formed(b"".join(pieces))
+    assert pieces[-1] == b".\r\n"
+    for i in range(1, len(pieces)):
+        # Every piece starts at a line start (but the CRLF added to a body without one).
+        assert b"".join(pieces[:i]).endswith(b"\r\n") or pieces[i] == b"\r\n"
+
+
+@pytest.mark.parametrize("offset", [PIECE - 100, PIECE, PIECE + 2, 2 * PIECE])
+def test_a_dot_line_at_a_piece_boundary_is_stuffed(offset: int) -> None:
+    body = _line_at(offset) + b"z" * 200 + b"\r\n"
+    payload = b"".join(data_payload_pieces(body))
+    assert payload == build_data_payload(body)
+    assert b"\r\n..smuggled\r\n" in payload and b"\r\n.smuggled" not in payload
+
+
+def test_a_large_body_is_written_by_a_producer_a_piece_at_a_time() -> None:
+    body = (b"a" * 98 + b"\r\n" + b".b" * 49 + b"\r\n") * (ONE_WRITE_LIMIT // 100)
+    transport = StringTransport()
+    send_data_payload(transport, body)
+    assert transport.producer is not None and not transport.streaming
+    assert transport.value() == b""  # nothing yet: the transport asks for each piece
+    writes = 0
+    while transport.producer is not None:
+        before = len(transport.value())
+        transport.producer.resumeProducing()
+        assert len(transport.value()) - before <= PIECE * 2  # stuffed dots at most double
+        writes += 1
+    assert transport.value() == build_data_payload(body)
+    assert writes > len(body) // PIECE
+
+
+def test_a_small_body_is_one_write() -> None:
+    transport = StringTransport()
+    send_data_payload(transport, b"Subject: x\r\n\r\n.hi\r\n")
+    assert transport.producer is None
+    assert transport.value() == b"Subject: x\r\n\r\n..hi\r\n.\r\n"
+
+
+def test_a_lost_connection_stops_the_pieces() -> None:
+    transport = StringTransport()
+    send_data_payload(transport, (b"x" * 98 + b"\r\n") * (ONE_WRITE_LIMIT // 50))
+    producer = transport.producer
+    assert producer is not None
+    producer.resumeProducing()
+    producer.stopProducing()
+    written = transport.value()
+    producer.resumeProducing()  # the transport unregisters it; nothing more is written
+    assert transport.value() == written and transport.producer is None

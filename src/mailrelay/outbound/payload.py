@@ -1,4 +1,4 @@
-"""The DATA payload, built by us in one piece.
+"""The DATA payload, built by us: in one piece, or a large one in pieces as it is sent.
 
 Twisted's client stuffs dots per 16 KiB chunk, so a '.' line that starts exactly on a chunk
 boundary (or on the first line) goes out unstuffed: a smuggling hole (pitfall 15). It also
@@ -9,6 +9,11 @@ bare CR or LF survives, every line starting with '.' gets one more, then the ter
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IPullProducer
+from zope.interface import implementer
 
 _ANY_LINE_END = re.compile(rb"\r\n|\r|\n")
 _LINE_STARTING_WITH_DOT = re.compile(rb"^\.", re.MULTILINE)
@@ -22,13 +27,72 @@ def normalize_line_endings(body: bytes) -> bytes:
     return _ANY_LINE_END.sub(b"\r\n", body)
 
 
-def build_data_payload(body: bytes) -> bytes:
-    """Everything sent after the 354: the stuffed message and the final ``.`` line."""
+# A body up to this size goes out in one write; a larger one in pieces of about PIECE bytes,
+# each stuffed as the connection takes it, so a 50 MB message is never copied whole.
+ONE_WRITE_LIMIT = 1024 * 1024
+PIECE = 64 * 1024
+
+
+def data_payload_pieces(body: bytes, piece: int = PIECE) -> Iterator[bytes]:
+    """Everything sent after the 354, in pieces that each start at a line start (so '^' is a
+    line start in every one): the stuffed message, then the final ``.`` line."""
     body = normalize_line_endings(body)
+    size = len(body)
+    start = 0
+    while start < size:
+        end = start + piece
+        if end >= size:
+            end = size
+        else:
+            # Cut after the last line end inside the piece; a line longer than a piece runs
+            # on to its own end.
+            cut = body.rfind(b"\r\n", start, end)
+            if cut < 0:
+                cut = body.find(b"\r\n", end)
+            end = size if cut < 0 else cut + 2
+        yield _LINE_STARTING_WITH_DOT.sub(b"..", body[start:end])
+        start = end
     if body and not body.endswith(b"\r\n"):
-        body += b"\r\n"
-    # With only CRLF line ends, '^' in MULTILINE mode is exactly "start of a line".
-    return _LINE_STARTING_WITH_DOT.sub(b"..", body) + b".\r\n"
+        yield b"\r\n"
+    yield b".\r\n"
+
+
+def build_data_payload(body: bytes) -> bytes:
+    """Everything sent after the 354, in one piece."""
+    return b"".join(data_payload_pieces(body, piece=max(len(body), 1)))
+
+
+class PayloadTransport(Protocol):
+    def write(self, data: bytes) -> None: ...
+    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+
+
+@implementer(IPullProducer)
+class _PayloadProducer:
+    """Writes the payload a piece at a time, as the transport's buffer drains."""
+
+    def __init__(self, transport: PayloadTransport, pieces: Iterator[bytes]) -> None:
+        self._transport = transport
+        self._pieces = pieces
+
+    def resumeProducing(self) -> None:
+        piece = next(self._pieces, None)
+        if piece is None:
+            self._transport.unregisterProducer()
+            return
+        self._transport.write(piece)
+
+    def stopProducing(self) -> None:
+        self._pieces = iter(())  # the connection is gone
+
+
+def send_data_payload(transport: PayloadTransport, body: bytes) -> None:
+    """The payload to ``transport``: one write, or pieces through a pull producer."""
+    if len(body) <= ONE_WRITE_LIMIT:
+        transport.write(build_data_payload(body))
+    else:
+        transport.registerProducer(_PayloadProducer(transport, data_payload_pieces(body)), False)
 
 
 def unstuff(wire: bytes) -> bytes:

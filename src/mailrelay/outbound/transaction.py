@@ -22,7 +22,7 @@ from typing import Literal
 
 from twisted.internet import defer
 
-from mailrelay.outbound.payload import build_data_payload
+from mailrelay.outbound.payload import send_data_payload
 from mailrelay.outbound.replies import ReplyReader
 from mailrelay.outbound.results import (
     FailureClass,
@@ -184,13 +184,14 @@ class TransactionSteps(ReplyReader):
                 )
                 return
             if code == 354 and transaction.accepted:
-                # The payload is one write; the reactor drains it while we wait, so the
-                # transfer and the wait for the final reply share one deadline: the transfer
-                # allowance (data_timeout) plus the reply's (final_timeout).
+                # The payload is one write (a large one: pieces, as the connection takes them);
+                # the reactor drains it while we wait, so the transfer and the wait for the
+                # final reply share one deadline: the transfer allowance (data_timeout) plus
+                # the reply's (final_timeout).
                 self.setTimeout(self.provider.data_timeout + self.provider.final_timeout)
                 transaction.after_final_dot = True
                 transaction.expecting.append(("FINAL", ""))
-                self._transport.write(build_data_payload(transaction.message.body))
+                send_data_payload(self._transport, transaction.message.body)
                 return
             if code == 354:
                 # Every RCPT failed but the server still opened DATA (RFC 2920 3.1): send an

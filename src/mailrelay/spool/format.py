@@ -159,6 +159,12 @@ def encode_message(envelope: Envelope, body: bytes, chunk_size: int = 256 * 1024
 
 def iter_records(data: bytes, magic: bytes) -> Iterator[tuple[bytes, bytes, int]]:
     """Yield (tag, payload, end offset) for each whole record; raise on any damage."""
+    for tag, payload, end in iter_record_views(data, magic):
+        yield tag, bytes(payload), end
+
+
+def iter_record_views(data: bytes, magic: bytes) -> Iterator[tuple[bytes, memoryview, int]]:
+    """iter_records, each payload a view into ``data`` (no copy)."""
     if not data.startswith(magic):
         raise CorruptSpoolFile("bad magic line")
     offset = len(magic)
@@ -177,7 +183,7 @@ def iter_records(data: bytes, magic: bytes) -> Iterator[tuple[bytes, bytes, int]
         if crc != zlib.crc32(view[start:end], zlib.crc32(view[offset:start])):
             raise CorruptSpoolFile(f"checksum mismatch at offset {offset}")
         offset = end + _CRC.size
-        yield tag, bytes(view[start:end]), offset
+        yield tag, view[start:end], offset
 
 
 @attrs.frozen
@@ -187,17 +193,20 @@ class StoredMessage:
 
 
 def decode_message(data: bytes) -> StoredMessage:
+    # Body records are joined from views into ``data``: the body is copied once, and a large
+    # message needs twice its size while it is read, not three times.
     envelope: Envelope | None = None
-    chunks: list[bytes] = []
-    for tag, payload, end in iter_records(data, MESSAGE_MAGIC):
+    chunks: list[memoryview] = []
+    for tag, payload, end in iter_record_views(data, MESSAGE_MAGIC):
         if tag == TAG_ENVELOPE and envelope is None and not chunks:
-            envelope = Envelope.from_json(payload)
+            envelope = Envelope.from_json(bytes(payload))
         elif tag == TAG_BODY and envelope is not None:
             chunks.append(payload)
         elif tag == TAG_END and envelope is not None:
             if end != len(data):
                 raise CorruptSpoolFile("data after the end record")
             body = b"".join(chunks)
+            chunks.clear()  # (views pin ``data``)
             length, crc = struct.unpack(">QI", payload)
             if length != len(body) or crc != zlib.crc32(body):
                 raise CorruptSpoolFile("body length or checksum does not match the end record")
