@@ -24,17 +24,10 @@ the value just after the 354.
 from __future__ import annotations
 
 import argparse
-import os
-import pwd
 import shlex
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,109 +35,51 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.support.net import free_port, port_accepts  # noqa: E402
+from bench.common import (  # noqa: E402
+    CLK_TCK,
+    HOST,
+    TWISTD,
+    BenchError,
+    BigResult,
+    Load,
+    Relay,
+    cpu_ticks,
+    free_ports,
+    relay_module,
+    run_smtp_source,
+    send_big_message,
+    smtp_source_command,
+    start_relay,
+    tail,
+    toml_str,
+    tool,
+)
+from bench.postfix_peer import PostfixPeer, postfix_unavailable, postfix_version  # noqa: E402
 from tests.support.procfs import status_kib  # noqa: E402
 
-HOST = "127.0.0.1"
 MAIL_FROM = "a@example.com"
 RCPT_TO = "b@example.com"
-# twistd is installed next to the interpreter (the venv's bin/); do not resolve symlinks.
-TWISTD = Path(sys.executable).parent / "twistd"
-START_TIMEOUT = 30.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 POSTFIX_COUNTED = ("smtpd", "cleanup")
 
 
-class BenchError(Exception):
-    """A failure that ends the benchmark with a message and a non-zero exit status."""
-
-
-def _tool(name: str) -> str | None:
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return f"({path} does not exist)"
-    return "\n".join(text.splitlines()[-lines:]) or f"({path} is empty)"
-
-
-# --- /proc ----------------------------------------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (index 0 is field 3, the state)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-def cpu_ticks(pid: int) -> int | None:
-    """utime + stime of a process (all its threads), in clock ticks."""
-    fields = _stat_fields(pid)
-    return None if fields is None else int(fields[11]) + int(fields[12])
-
-
-def children(ppid: int) -> dict[int, str]:
-    """pid -> command name of the processes whose parent is ``ppid``."""
-    out: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        name = text[text.index("(") + 1 : text.rindex(")")]
-        if int(text[text.rindex(")") + 2 :].split()[1]) == ppid:
-            out[int(entry)] = name
-    return out
-
-
-# --- smtp-source ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Load:
-    accepted: int
-    seconds: float
-    problem: str | None = None
-
-
-def smtp_source_command(args: argparse.Namespace, port: int) -> list[str]:
-    command = [args.smtp_source, "-c", "-l", str(args.size), "-m", str(args.messages)]
-    command += ["-s", str(args.clients), "-f", MAIL_FROM, "-t", RCPT_TO]
-    if args.reuse:
-        command.append("-d")
-    return [*command, f"{HOST}:{port}"]
-
-
-def run_smtp_source(args: argparse.Namespace, port: int) -> Load:
-    command = smtp_source_command(args, port)
-    started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, timeout=args.timeout)
-    seconds = time.perf_counter() - started
-    # -c prints the running count of completed DATA commands, each followed by a CR.
-    counts = [c for c in proc.stdout.replace(b"\n", b"\r").split(b"\r") if c.strip().isdigit()]
-    accepted = int(counts[-1]) if counts else 0
-    problem = None
-    if proc.returncode != 0 or accepted != args.messages:
-        err = proc.stderr.decode(errors="replace").strip()[-300:]
-        problem = f"smtp-source exited {proc.returncode}, {accepted} of {args.messages}: {err}"
-    return Load(accepted, seconds, problem)
+def source_command(args: argparse.Namespace, port: int) -> list[str]:
+    return smtp_source_command(
+        args.smtp_source,
+        port,
+        size=args.size,
+        messages=args.messages,
+        sessions=args.clients,
+        mail_from=MAIL_FROM,
+        rcpt_to=RCPT_TO,
+        reuse=args.reuse,
+    )
 
 
 # --- mailrelay ------------------------------------------------------------------------------------
 
 
 def relay_config(run_dir: Path, smtp_port: int, http_port: int, dead_port: int, big: int) -> str:
-    def q(value: str) -> str:
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
+    q = toml_str
     return (
         "[smtp]\n"
         f"listen = [{q(f'tcp:{smtp_port}:interface={HOST}')}]\n"
@@ -165,222 +100,28 @@ def relay_config(run_dir: Path, smtp_port: int, http_port: int, dead_port: int, 
     )
 
 
-@dataclass
-class Relay:
-    proc: subprocess.Popen[bytes]
-    port: int
-    command: list[str]
-    run_dir: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def relay_env(src: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    if src:
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(Path(src).resolve()), env.get("PYTHONPATH")) if p
-        )
-    return env
-
-
-def start_relay(src: str | None, run_dir: Path, big: int) -> Relay:
-    run_dir.mkdir(parents=True)
-    ports: set[int] = set()
-    while len(ports) < 3:  # two probes can be handed the same port
-        ports.add(free_port(HOST))
-    smtp_port, http_port, dead_port = sorted(ports)
-    config = run_dir / "relay.toml"
-    config.write_text(relay_config(run_dir, smtp_port, http_port, dead_port, big))
-    log = run_dir / "twistd.log"
-    command = [
-        str(TWISTD), "-n", "--pidfile=", f"--logfile={log}",
-        "mailrelay", "--config", str(config),
-    ]  # fmt: skip
-    console = run_dir / "twistd.console"
-    with console.open("wb") as out:
-        proc = subprocess.Popen(
-            command, cwd=run_dir, stdout=out, stderr=subprocess.STDOUT, env=relay_env(src)
-        )
-    relay = Relay(proc, smtp_port, command, run_dir)
-    deadline = time.monotonic() + START_TIMEOUT
-    while not port_accepts(HOST, smtp_port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            relay.stop()
-            raise BenchError(
-                f"the relay did not start\ncommand: {shlex.join(command)}\n"
-                f"--- {console} ---\n{_tail(console)}\n--- {log} ---\n{_tail(log)}"
-            )
-        time.sleep(0.05)
-    return relay
-
-
-def relay_module(src: str | None) -> str:
-    probe = "import mailrelay.inbound.protocol as p; print(p.__file__)"
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, env=relay_env(src)
-    )
-    return out.stdout.strip() or out.stderr.strip()
+def start_queueing_relay(src: str | None, run_dir: Path, big: int) -> Relay:
+    """A relay whose only provider is a port nobody listens on: accepted mail stays queued."""
+    smtp_port, http_port, dead_port = free_ports(3)
+    config = relay_config(run_dir, smtp_port, http_port, dead_port, big)
+    return start_relay(run_dir, config, smtp_port, src)
 
 
 # --- Postfix --------------------------------------------------------------------------------------
 
-MASTER_CF = """\
-{listen} inet n - n - - smtpd
-pickup    unix  n - n 60 1 pickup
-cleanup   unix  n - n -  0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-rewrite   unix  - - n -  - trivial-rewrite
-bounce    unix  - - n -  0 bounce
-defer     unix  - - n -  0 bounce
-trace     unix  - - n -  0 bounce
-verify    unix  - - n -  1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n -  - proxymap
-smtp      unix  - - n -  - smtp
-relay     unix  - - n -  - smtp
-showq     unix  n - n -  - showq
-error     unix  - - n -  - error
-retry     unix  - - n -  - error
-discard   unix  - - n -  - discard
-anvil     unix  - - n -  1 anvil
-scache    unix  - - n -  1 scache
-postlog   unix-dgram n - n - 1 postlogd
-"""
 
-
-def postfix_main_cf(root: Path, dead_port: int) -> str:
-    return "\n".join(
-        [
-            "compatibility_level = 3.6",
-            f"queue_directory = {root / 'queue'}",
-            f"data_directory = {root / 'data'}",
-            "mail_owner = postfix",
-            "setgid_group = postdrop",
-            "inet_interfaces = loopback-only",
-            "inet_protocols = ipv4",
-            "myhostname = bench.localhost",
-            "mydomain = localhost",
-            "mydestination =",
-            f"relayhost = [{HOST}]:{dead_port}",
-            "mynetworks = 127.0.0.0/8",
-            "smtpd_relay_restrictions = permit_mynetworks, reject",
+def queueing_postfix(run_dir: Path) -> PostfixPeer:
+    """A Postfix instance that queues and defers (``defer_transports = smtp``): never sends."""
+    port, dead_port = free_ports(2)
+    return PostfixPeer(
+        run_dir,
+        port,
+        {
+            "relayhost": f"[{HOST}]:{dead_port}",
             # Mail only queues: the smtp transport is deferred without a delivery attempt.
-            "defer_transports = smtp",
-            "alias_maps =",
-            "alias_database =",
-            "local_recipient_maps =",
-            "smtpd_peername_lookup = no",
-            "biff = no",
-            # Keep every smtpd and cleanup alive for the whole run, so /proc still has the CPU
-            # time of each one at the end (a process that exits takes its counters with it).
-            "max_use = 1000000",
-            "max_idle = 3600",
-            # No syslog here: Postfix logs to a file (only allowed under these prefixes).
-            f"maillog_file = {root / 'maillog'}",
-            f"maillog_file_prefixes = {root}",
-            "",
-        ]
+            "defer_transports": "smtp",
+        },
     )
-
-
-@dataclass
-class Postfix:
-    root: Path
-    port: int
-    conf: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.conf = self.root / "conf"
-
-    def _postfix(self, *words: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["postfix", "-c", str(self.conf), *words], capture_output=True, text=True, timeout=60
-        )
-
-    def setup(self, dead_port: int) -> None:
-        for sub in ("conf", "queue", "data"):
-            (self.root / sub).mkdir(parents=True)
-        # Postfix's daemons run as mail_owner: they must reach the queue through every parent.
-        for path in (self.root, *self.root.parents):
-            if path == Path("/"):
-                break
-            if path.stat().st_uid == os.getuid() and not path.stat().st_mode & 0o001:
-                path.chmod(path.stat().st_mode | 0o011)
-        owner = pwd.getpwnam("postfix")
-        os.chown(self.root / "data", owner.pw_uid, owner.pw_gid)
-        (self.conf / "main.cf").write_text(postfix_main_cf(self.root, dead_port))
-        (self.conf / "master.cf").write_text(MASTER_CF.format(listen=f"{HOST}:{self.port}"))
-        check = self._postfix("check")
-        if check.returncode != 0:
-            raise BenchError(
-                f"postfix check failed ({check.returncode}): {check.stderr.strip()}\n"
-                f"{_tail(self.root / 'maillog')}"
-            )
-
-    def start(self) -> None:
-        started = self._postfix("start")
-        if started.returncode != 0:
-            raise BenchError(
-                f"postfix start failed ({started.returncode}): {started.stderr.strip()}\n"
-                f"{_tail(self.root / 'maillog')}"
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while not port_accepts(HOST, self.port):
-            if time.monotonic() > deadline:
-                raise BenchError(f"Postfix not listening on {self.port}\n{self.maillog()}")
-            time.sleep(0.05)
-
-    def maillog(self) -> str:
-        return _tail(self.root / "maillog")
-
-    def master_pid(self) -> int | None:
-        try:
-            return int((self.root / "queue" / "pid" / "master.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def cpu(self) -> dict[int, tuple[str, int]]:
-        """pid -> (name, CPU ticks) of the master and every process it started."""
-        master = self.master_pid()
-        if master is None:
-            return {}
-        out: dict[int, tuple[str, int]] = {}
-        for pid, name in {master: "master", **children(master)}.items():
-            ticks = cpu_ticks(pid)
-            if ticks is not None:
-                out[pid] = (name, ticks)
-        return out
-
-    def stop(self) -> None:
-        master = self.master_pid()
-        self._postfix("stop")
-        deadline = time.monotonic() + 15
-        while master is not None and Path(f"/proc/{master}").exists():
-            if time.monotonic() > deadline:
-                os.kill(master, 9)
-                break
-            time.sleep(0.05)
-
-
-def postfix_unavailable() -> str | None:
-    """Why the Postfix side cannot run here, or None."""
-    if _tool("postfix") is None:
-        return "the postfix command is not installed"
-    if os.geteuid() != 0:
-        return "starting a Postfix instance needs root (its master runs as root)"
-    try:
-        pwd.getpwnam("postfix")
-    except KeyError:
-        return "there is no 'postfix' user for mail_owner"
-    return None
 
 
 # --- one run per server ---------------------------------------------------------------------------
@@ -405,33 +146,28 @@ class Result:
 
 
 def run_relay(args: argparse.Namespace, run_dir: Path, src: str | None, name: str) -> Result:
-    relay = start_relay(src, run_dir, 0)
-    pid = relay.proc.pid
+    relay = start_queueing_relay(src, run_dir, 0)
     try:
-        before = cpu_ticks(pid)
-        load = run_smtp_source(args, relay.port)
-        after = cpu_ticks(pid)
+        before = cpu_ticks(relay.pid)
+        load = run_smtp_source(source_command(args, relay.port), args.messages, args.timeout)
+        after = cpu_ticks(relay.pid)
     finally:
         relay.stop()
     if before is None or after is None:
-        raise BenchError(f"the relay exited during the run\n{_tail(run_dir / 'twistd.log')}")
+        raise BenchError(f"the relay exited during the run\n{tail(relay.log)}")
     result = Result(name, load, (after - before) / CLK_TCK)
     if load.problem:
-        result.notes.append(f"{load.problem}\n{_tail(run_dir / 'twistd.log', 10)}")
+        result.notes.append(f"{load.problem}\n{tail(relay.log, 10)}")
     return result
 
 
 def run_postfix(args: argparse.Namespace, run_dir: Path) -> Result:
-    ports: set[int] = set()
-    while len(ports) < 2:
-        ports.add(free_port(HOST))
-    port, dead_port = sorted(ports)
-    postfix = Postfix(run_dir, port)
-    postfix.setup(dead_port)
-    postfix.start()
+    postfix = queueing_postfix(run_dir)
+    postfix.setup()
     try:
+        postfix.start()
         before = postfix.cpu()
-        load = run_smtp_source(args, port)
+        load = run_smtp_source(source_command(args, postfix.port), args.messages, args.timeout)
         after = postfix.cpu()
     finally:
         postfix.stop()
@@ -454,108 +190,26 @@ def run_postfix(args: argparse.Namespace, run_dir: Path) -> Result:
 
 # --- RSS while receiving one large message --------------------------------------------------------
 
-
-@dataclass
-class BigResult:
-    size: int
-    seconds: float  # first body byte sent -> 250 received
-    reply: str
-    baseline_kib: int  # VmRSS just before the body
-    receiving_peak_kib: int  # highest VmRSS sampled until the 250
-    after_peak_kib: int  # highest VmRSS sampled in AFTER_250 seconds after it
-    samples: int
-    stored_bytes: int
-
-    @property
-    def growth_kib(self) -> int:
-        return self.receiving_peak_kib - self.baseline_kib
-
-
 AFTER_250 = 1.0  # seconds the sampling goes on after the 250 (what the queue does next)
 
 
-def _expect(sock: socket.socket, code: bytes) -> str:
-    data = b""
-    while True:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise BenchError(f"connection closed waiting for {code.decode()}: {data!r}")
-        data += chunk
-        lines = data.split(b"\r\n")
-        last = [line for line in lines[:-1] if line[3:4] == b" "]
-        if last:
-            reply = last[-1].decode(errors="replace")
-            if not last[-1].startswith(code):
-                raise BenchError(f"expected {code.decode()}, got {reply}")
-            return reply
-
-
-def big_body(size: int) -> tuple[bytes, int]:
-    """A 1 MiB block of 76-character lines (every 16th dot-stuffed) and how often to send it."""
-    lines = []
-    for n in range(1024 * 1024 // 78):
-        text = (b"%07d " % n + b"abcdefghijklmnopqrstuvwxyz0123456789" * 2)[:76]
-        lines.append((b".." + text[2:]) if n % 16 == 5 else text)
-    block = b"\r\n".join(lines) + b"\r\n"
-    return block, max(1, size // len(block))
-
-
-def measure_big(args: argparse.Namespace, src: str | None, run_dir: Path) -> BigResult:
+def measure_big(args: argparse.Namespace, src: str | None, run_dir: Path) -> tuple[BigResult, int]:
+    """The large message through a fresh relay: memory samples and the spool file's size."""
     size = args.big_mb * 1024 * 1024
-    relay = start_relay(src, run_dir, size)
-    pid = relay.proc.pid
+    relay = start_queueing_relay(src, run_dir, size)
     try:
-        with socket.create_connection((HOST, relay.port), timeout=120) as sock:
-            _expect(sock, b"220")
-            for command, code in (
-                (b"EHLO bench.localhost", b"250"),
-                (b"MAIL FROM:<%s>" % MAIL_FROM.encode(), b"250"),
-                (b"RCPT TO:<%s>" % RCPT_TO.encode(), b"250"),
-                (b"DATA", b"354"),
-            ):
-                sock.sendall(command + b"\r\n")
-                _expect(sock, code)
-            block, repeat = big_body(size)
-            time.sleep(0.2)
-            baseline = status_kib(pid, "VmRSS") or 0
-            samples: list[tuple[float, int]] = []
-            stop = threading.Event()
-
-            def sample() -> None:
-                while not stop.is_set():
-                    rss = status_kib(pid, "VmRSS")
-                    if rss is not None:
-                        samples.append((time.perf_counter(), rss))
-                    time.sleep(0.001)
-
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            started = time.perf_counter()
-            sock.sendall(b"Subject: big\r\n\r\n")
-            for _ in range(repeat):
-                sock.sendall(block)
-            sock.sendall(b".\r\n")
-            reply = _expect(sock, b"250")
-            answered = time.perf_counter()
-            time.sleep(AFTER_250)
-            stop.set()
-            sampler.join()
-            sock.sendall(b"QUIT\r\n")
+        big = send_big_message(
+            relay.port,
+            size,
+            lambda: status_kib(relay.pid, "VmRSS"),
+            lambda elapsed: elapsed >= AFTER_250,
+            mail_from=MAIL_FROM,
+            rcpt_to=RCPT_TO,
+        )
         stored = sum(p.stat().st_size for p in (run_dir / "spool" / "queue").iterdir())
     finally:
         relay.stop()
-    receiving = [rss for at, rss in samples if at <= answered]
-    after = [rss for at, rss in samples if at > answered]
-    return BigResult(
-        size=len(block) * repeat,
-        seconds=answered - started,
-        reply=reply,
-        baseline_kib=baseline,
-        receiving_peak_kib=max(receiving, default=baseline),
-        after_peak_kib=max(after, default=baseline),
-        samples=len(receiving),
-        stored_bytes=stored,
-    )
+    return big, stored
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -581,7 +235,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.messages, args.size, args.clients, args.runs) < 1 or args.big_mb < 0:
         parser.error("counts must be positive")
-    args.smtp_source = _tool("smtp-source")
+    args.smtp_source = tool("smtp-source")
     return args
 
 
@@ -604,15 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         relays.append(("baseline", args.baseline_src))
     for name, src in relays:
         print(f"{name}: {relay_module(src)}")
-    print(f"client: {shlex.join(smtp_source_command(args, 0)).replace(':0', ':PORT')}")
+    print(f"client: {shlex.join(source_command(args, 0)).replace(':0', ':PORT')}")
     skip_postfix = "--no-postfix" if args.no_postfix else postfix_unavailable()
     if skip_postfix:
         print(f"Postfix side skipped: {skip_postfix}")
     else:
-        version = subprocess.run(
-            ["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True
-        ).stdout.strip()
-        print(f"postfix: {version}, private instance, defer_transports = smtp")
+        print(f"postfix: {postfix_version()}, private instance, defer_transports = smtp")
     results: list[Result] = []
     problems = 0
     with tempfile.TemporaryDirectory(prefix="inbound-accept-") as tmp:
@@ -655,13 +306,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:10s} {rate:>8s} {cpu:>11s} {every if name == 'postfix' else '':>12s}")
         for name, src in relays if args.big_mb else []:
             try:
-                big = measure_big(args, src, root / f"big-{name}")
+                big, stored = measure_big(args, src, root / f"big-{name}")
             except BenchError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
             print(
                 f"\n{name}, one {big.size / 1048576:.1f} MiB message: {big.reply[:40]} after"
-                f" {big.seconds:.2f} s; spool file {big.stored_bytes / 1048576:.1f} MiB\n"
+                f" {big.seconds:.2f} s; spool file {stored / 1048576:.1f} MiB\n"
                 f"  relay VmRSS {big.baseline_kib} KiB before the body, peak"
                 f" {big.receiving_peak_kib} KiB until the 250 ({big.samples} samples):"
                 f" growth while receiving {big.growth_kib / 1024:.1f} MiB\n"

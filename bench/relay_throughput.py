@@ -19,13 +19,10 @@ the first 250 and the relay's resident memory.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import shlex
 import smtplib
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,23 +36,23 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.support.net import free_port, port_accepts  # noqa: E402
+from bench.common import (  # noqa: E402
+    HOST,
+    BenchError,
+    Relay,
+    free_ports,
+    preload_spool,
+    start_relay,
+    toml_str,
+)
 from tests.support.procfs import status_kib as rss_kib  # noqa: E402
 from tests.support.upstream import UpstreamProcess  # noqa: E402
 
-HOST = "127.0.0.1"
 MAIL_FROM = "bench@example.test"
 RCPT_TO = "sink@example.test"
 LINE_CHARS = 76
-RELAY_START_TIMEOUT = 30.0
-# twistd is installed next to the interpreter (the venv's bin/); do not resolve symlinks.
-TWISTD = Path(sys.executable).parent / "twistd"
 FILLER = b"abcdefghijklmnopqrstuvwxyz0123456789" * 4  # any 76-byte window of it is a line
 BENCH_ID_RE = re.compile(rb"^X-Bench-Id: (\S+)\r$", re.MULTILINE)
-
-
-class BenchError(Exception):
-    """A failure that ends the benchmark with a message and a non-zero exit status."""
 
 
 # --- messages -----------------------------------------------------------------------------
@@ -116,25 +113,20 @@ def make_message(run_no: int, msg_no: int, size: int) -> bytes:
 # --- relay process ------------------------------------------------------------------------
 
 
-def _toml_str(value: str) -> str:
-    # A JSON string (ASCII-escaped) is also a valid TOML basic string.
-    return json.dumps(value)
-
-
 def relay_config(
     run_dir: Path, smtp_port: int, http_port: int, upstream_port: int, connections: int
 ) -> str:
     return (
         "[smtp]\n"
-        f"listen = [{_toml_str(f'tcp:{smtp_port}:interface={HOST}')}]\n"
+        f"listen = [{toml_str(f'tcp:{smtp_port}:interface={HOST}')}]\n"
         "[http]\n"
-        f"listen = {_toml_str(f'tcp:{http_port}:interface={HOST}')}\n"
+        f"listen = {toml_str(f'tcp:{http_port}:interface={HOST}')}\n"
         "[spool]\n"
-        f"path = {_toml_str(str(run_dir / 'spool'))}\n"
+        f"path = {toml_str(str(run_dir / 'spool'))}\n"
         "[[providers]]\n"
         'name = "upstream"\n'
         'kind = "smtp"\n'
-        f"host = {_toml_str(HOST)}\n"
+        f"host = {toml_str(HOST)}\n"
         f"port = {upstream_port}\n"
         'tls = "none"\n'
         f"connections = {connections}\n"
@@ -143,94 +135,10 @@ def relay_config(
     )
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return f"({path.name} does not exist)"
-    return "\n".join(text.splitlines()[-lines:]) or f"({path.name} is empty)"
-
-
-def preload_spool(spool: Path, count: int) -> float:
-    """Write ``count`` messages deferred for a week into spool/queue/, as the relay would have
-    left them (framed, next attempt in the mtime). Returns the seconds it took."""
-    # Imported here: comparing another version of the relay (PYTHONPATH=<its src>) must not
-    # need these in it.
-    from mailrelay.spool.format import Envelope, encode_message
-    from mailrelay.spool.store import new_queue_id
-
-    started = time.perf_counter()
-    queue = spool / "queue"
-    queue.mkdir(parents=True)
-    later = time.time() + 7 * 86400
-    body = make_message(0, 0, 1024)
-    received = time.time() - 3600
-    for n in range(count):
-        queue_id = new_queue_id(received + n * 1e-6)
-        envelope = Envelope(
-            queue_id, "old@example.test", (f"r{n}@example.test",), received, "127.0.0.1", "old"
-        )
-        path = queue / queue_id
-        path.write_bytes(encode_message(envelope, body))
-        os.utime(path, (later, later))
-    return time.perf_counter() - started
-
-
-@dataclass
-class Relay:
-    proc: subprocess.Popen[bytes]
-    smtp_port: int
-    command: list[str]
-    started: float = 0.0  # perf_counter() just before the process was started
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start_relay(run_dir: Path, upstream_port: int, connections: int) -> Relay:
-    smtp_port = free_port(HOST)
-    http_port = free_port(HOST)
-    while http_port == smtp_port:  # two probes can be handed the same port
-        http_port = free_port(HOST)
-    config = run_dir / "relay.toml"
-    config.write_text(relay_config(run_dir, smtp_port, http_port, upstream_port, connections))
-    if not TWISTD.exists():
-        raise BenchError(f"{TWISTD} not found; install the project: pip install -e '.[test]'")
-    log = run_dir / "twistd.log"
-    command = [
-        str(TWISTD), "-n", "--pidfile=", f"--logfile={log}",
-        "mailrelay", "--config", str(config),
-    ]  # fmt: skip
-    # twistd writes its log to twistd.log; stdout/stderr only carry what happens before the
-    # log is set up (bad options, unknown plugin, import errors).
-    console = run_dir / "twistd.console"
-    started = time.perf_counter()
-    with console.open("wb") as out:
-        proc = subprocess.Popen(command, cwd=run_dir, stdout=out, stderr=subprocess.STDOUT)
-    relay = Relay(proc, smtp_port, command, started)
-    deadline = time.monotonic() + RELAY_START_TIMEOUT
-    while not port_accepts(HOST, smtp_port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            state = (
-                f"exited with status {proc.returncode}"
-                if proc.poll() is not None
-                else f"not listening on {HOST}:{smtp_port} after {RELAY_START_TIMEOUT:.0f}s"
-            )
-            relay.stop()
-            raise BenchError(
-                f"the relay did not start: {state}\n"
-                f"command: {shlex.join(command)}\n"
-                f"--- tail of {console} ---\n{_tail(console)}\n"
-                f"--- tail of {log} ---\n{_tail(log)}"
-            )
-        time.sleep(0.05)
-    return relay
+def start_forwarding_relay(run_dir: Path, upstream_port: int, connections: int) -> Relay:
+    smtp_port, http_port = free_ports(2)
+    config = relay_config(run_dir, smtp_port, http_port, upstream_port, connections)
+    return start_relay(run_dir, config, smtp_port)
 
 
 # --- clients ------------------------------------------------------------------------------
@@ -403,11 +311,11 @@ def run_once(args: argparse.Namespace, run_no: int, base: Path) -> RunResult:
                 port = upstream.port
             else:
                 if args.preload:
-                    took = preload_spool(run_dir / "spool", args.preload)
+                    took = preload_spool(run_dir / "spool", args.preload, make_message(0, 0, 1024))
                     print(f"  preloaded {args.preload} deferred messages in {took:.1f} s")
-                relay = start_relay(run_dir, upstream.port, args.connections)
+                relay = start_forwarding_relay(run_dir, upstream.port, args.connections)
                 print(f"  relay: {shlex.join(relay.command)}", flush=True)
-                port = relay.smtp_port
+                port = relay.port
             sent = send_all(port, run_no, args.messages, args.size, args.clients)
             done = wait_delivered(upstream, sent.accepted, args.timeout)
             if relay is not None:
