@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -45,7 +45,14 @@ from mailrelay.metrics import Metrics
 from mailrelay.outbound.results import Kind, OutboundMessage
 from mailrelay.outbound.router import RoutedResult, Router
 from mailrelay.spool.admin import ACTIVE, QueueCommandError, QueueEntry, SpoolAdmin
-from mailrelay.spool.format import CorruptSpoolFile, Envelope, Outcome, Status, last_outcomes
+from mailrelay.spool.format import (
+    CorruptSpoolFile,
+    Envelope,
+    Outcome,
+    Status,
+    StoredMessage,
+    last_outcomes,
+)
 from mailrelay.spool.store import HOLD, QUEUE, Spool, is_queue_id, queue_id_time
 
 T = TypeVar("T")
@@ -53,6 +60,10 @@ T = TypeVar("T")
 # Messages indexed per reactor turn at start: 100 000 queued messages never stall the
 # reactor for long, so new mail is accepted while the index fills.
 INDEX_CHUNK = 2000
+# Bodies kept in memory for first attempts, in all (a backlog falls back to reading files),
+# and the largest kept (the spool's in-memory threshold: a larger one is on disk already).
+WARM_BYTES = 16 * 1024 * 1024
+WARM_MAX_BODY = 256 * 1024
 
 _STATUS_OF_KIND = {
     Kind.DELIVERED: Status.DELIVERED,
@@ -151,6 +162,10 @@ class DeliveryQueue:
         # FIFO, _due (deferred, with the heap), _active. The FIFO and the heap may hold stale
         # entries (a message held, deleted or rescheduled since); they are skipped when popped.
         self._queued: set[str] = set()
+        # Bodies of messages just accepted, for their first attempt (see enqueue), oldest
+        # first, WARM_BYTES in all at most.
+        self._warm: OrderedDict[str, tuple[Envelope, bytes]] = OrderedDict()
+        self._warm_bytes = 0
         # The same IDs as a heap, oldest first, for the oldest message in O(1) (health and
         # metrics ask often). IDs that left are dropped lazily from the top, and the heap is
         # rebuilt when they are more than half of it.
@@ -288,8 +303,16 @@ class DeliveryQueue:
             return by_age[:1]
         return heapq.nsmallest(count, self._queued)  # the status page's list: rare
 
-    def enqueue(self, envelope: Envelope) -> None:
-        """A message the inbound side (or a DSN) has just made durable."""
+    def enqueue(self, envelope: Envelope, body: bytes | None = None) -> None:
+        """A message the inbound side (or a DSN) has just made durable. ``body``, when given,
+        is what the spool file holds: the first attempt uses it instead of reading the file."""
+        if body is not None and len(body) <= WARM_MAX_BODY:
+            self._take_warm(envelope.queue_id)  # (never there: an ID is new; but be exact)
+            self._warm[envelope.queue_id] = (envelope, body)
+            self._warm_bytes += len(body)
+            while self._warm_bytes > WARM_BYTES:
+                _, (_, dropped) = self._warm.popitem(last=False)  # read from the file then
+                self._warm_bytes -= len(dropped)
         self.log.info(
             "{queue_id} queued: from=<{sender}> recipients={count}",
             queue_id=envelope.queue_id,
@@ -315,6 +338,7 @@ class DeliveryQueue:
 
     def _forget(self, queue_id: str) -> None:
         """The message left queue/ (or is leaving it): out of the index."""
+        self._take_warm(queue_id)
         self._queued.discard(queue_id)
         self._due.pop(queue_id, None)
         self._attempts.pop(queue_id, None)
@@ -408,9 +432,25 @@ class DeliveryQueue:
 
     # -- one attempt ------------------------------------------------------------------------------
 
+    def _take_warm(self, queue_id: str) -> StoredMessage | None:
+        warm = self._warm.pop(queue_id, None)
+        if warm is None:
+            return None
+        envelope, body = warm
+        self._warm_bytes -= len(body)
+        return StoredMessage(envelope=envelope, body=body)
+
+    async def _load(self, queue_id: str) -> tuple[StoredMessage, list[Outcome]]:
+        """The message and its journal: a message just accepted has no journal yet, and its
+        body may still be in memory (no read, no thread hop)."""
+        warm = self._take_warm(queue_id)
+        if warm is not None and queue_id not in self._attempts:
+            return warm, []
+        return await self._spool.load(queue_id)
+
     async def _attempt(self, queue_id: str) -> None:
         try:
-            stored, journal = await self._spool.load(queue_id)
+            stored, journal = await self._load(queue_id)
         except FileNotFoundError:
             self._forget(queue_id)
             return  # removed meanwhile: nothing to do
@@ -666,7 +706,7 @@ class DeliveryQueue:
         )
         dsn = build_dsn(envelope, failed, body, reporting_mta, now)
         queue_id = await _spool_dsn(self._spool, dsn_envelope, dsn)
-        self.enqueue(dsn_envelope)
+        self.enqueue(dsn_envelope, dsn)
         return queue_id
 
     # -- operator commands (mailrelay queue ..., through the control channel) --------------------

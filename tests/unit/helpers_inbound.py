@@ -201,14 +201,19 @@ class RecordingFactory(RelaySMTPFactory):
         self.clock = Clock()
         self.metrics = Metrics()
         self.accepted: list[Envelope] = []
+        self.bodies: list[bytes | None] = []  # what each accepted message's body was
         super().__init__(
             config,
             self.clock,
             self.spool,
-            self.accepted.append,
+            self._accept,
             self.metrics,
             free_space=free_space,
         )
+
+    def _accept(self, envelope: Envelope, body: bytes | None) -> None:
+        self.accepted.append(envelope)
+        self.bodies.append(body)
 
 
 def make_factory(

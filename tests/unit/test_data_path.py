@@ -221,6 +221,8 @@ def test_block_path_stores_the_reference_text_in_the_spool(
             assert got[0].startswith("250 2.0.0 Ok: queued as ")
             [stored] = s.stored()
             assert stored.body == delivery._received_header + expected.text
+            # What the queue's first attempt is handed instead of reading the file.
+            assert s.factory.bodies == [stored.body]
         else:
             assert s.queue_files() == []
             if expected.result == "refused 550":
@@ -305,3 +307,4 @@ def test_a_large_message_streams_in_blocks_with_a_bounded_buffer(tmp_path: Path)
     [stored] = s.stored()
     assert stored.body.endswith(chunk[-100:] + b"\r\n")
     assert len(stored.body) > sent
+    assert s.factory.bodies == [None]  # spilled to its file: the queue reads it back

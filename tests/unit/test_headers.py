@@ -265,7 +265,7 @@ def deliver(
         hostname=HOSTNAME,
         spool=spool,
         clock=clock,
-        on_accepted=accepted.append,
+        on_accepted=lambda envelope, body: accepted.append(envelope),
         metrics=Metrics(),
     )
     transaction = Transaction(
@@ -313,7 +313,7 @@ def test_stored_empty_message_gets_the_fields(tmp_path: Path) -> None:
 
 def test_line_received_goes_through_the_same_path(tmp_path: Path) -> None:
     spool = make_spool(tmp_path / "spool")
-    delivery = RelayDelivery(LOCAL_V4, HOSTNAME, spool, Clock(), lambda e: None, Metrics())
+    delivery = RelayDelivery(LOCAL_V4, HOSTNAME, spool, Clock(), lambda e, body: None, Metrics())
     message = delivery.openMessage(Transaction("c", "s@x", ("r@y",), False))
     message.lineReceived(b"Subject: x")
     message.lineReceived(b"")

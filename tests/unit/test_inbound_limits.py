@@ -116,7 +116,12 @@ def make_relay(tmp_path: Path, limits: LimitsConfig | None = None, **smtp: Any) 
     accepted: list[Envelope] = []
     smtp.setdefault("hostname", HOSTNAME)
     factory = RelaySMTPFactory(
-        SMTPConfig(**smtp), clock, spool, accepted.append, metrics, limits=limits
+        SMTPConfig(**smtp),
+        clock,
+        spool,
+        lambda envelope, body: accepted.append(envelope),
+        metrics,
+        limits=limits,
     )
     return Relay(factory, clock, metrics, accepted, spool)
 

@@ -148,7 +148,7 @@ def test_delivery_refuses_non_local_peer_at_every_step(tmp_path: Path, peer: IAd
         hostname=HOSTNAME,
         spool=factory.spool,
         clock=factory.clock,
-        on_accepted=factory.accepted.append,
+        on_accepted=lambda envelope, body: factory.accepted.append(envelope),
         metrics=factory.metrics,
     )
     user = smtp.User(b"a@b.c", (b"x", b"10.0.0.1"), None, smtp.Address(b"s@b.c"))
@@ -174,7 +174,7 @@ def test_protocol_answers_554_to_mail_from_a_non_local_peer(tmp_path: Path) -> N
         hostname=HOSTNAME,
         spool=factory.spool,
         clock=factory.clock,
-        on_accepted=factory.accepted.append,
+        on_accepted=lambda envelope, body: factory.accepted.append(envelope),
         metrics=factory.metrics,
     )
     proto = RelayESMTP(smtp_config(), factory.clock, delivery, factory.metrics)

@@ -632,3 +632,70 @@ def test_a_file_in_queue_that_is_not_a_queue_id_is_ignored(tmp_path: Path) -> No
     w.clock.advance(1)  # the index is built in chunks
     assert [m.queue_id for m in w.queue.oldest(5)] == [qid(7)]
     assert sum(w.queue.depth().values()) == 1
+
+
+# -- the first attempt of a message just accepted: its body from memory ----------------------
+
+
+def count_loads(w: World, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    loads: list[str] = []
+    real_load = w.spool.load
+
+    def load(queue_id: str, area: str = "queue") -> Any:
+        loads.append(queue_id)
+        return real_load(queue_id, area)
+
+    monkeypatch.setattr(w.spool, "load", load)
+    return loads
+
+
+def add_warm(w: World, n: int) -> str:
+    queue_id = w.put(n)
+    w.queue.enqueue(envelope(queue_id, (A,), received_at=w.clock.seconds()), BODY)
+    return queue_id
+
+
+def test_a_first_attempt_uses_the_body_it_was_handed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = FakeProvider("p1")
+    w = World(tmp_path, provider)
+    w.start()
+    loads = count_loads(w, monkeypatch)
+    queue_id = add_warm(w, 1)
+    assert loads == []  # no read of the spool file, no thread hop
+    (sent,) = provider.delivered
+    assert (sent.queue_id, sent.body) == (queue_id, BODY)
+    assert w.queued() == []
+    assert w.queue._warm_bytes == 0
+
+
+def test_a_retry_reads_the_file_and_its_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answer = timed(Clock(), [answer_all(Kind.TEMPORARY, "451 later"), answer_all(Kind.DELIVERED)])
+    w = World(tmp_path, FakeProvider("p1", answer))
+    w.start()
+    loads = count_loads(w, monkeypatch)
+    queue_id = add_warm(w, 1)
+    assert loads == [] and w.queued() == [queue_id]
+    advance_to_next_timer(w.clock)
+    assert loads == [queue_id]  # the second attempt: from the spool
+    assert w.queued() == []
+
+
+def test_warm_bodies_are_capped_and_the_oldest_read_from_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("mailrelay.queue.WARM_BYTES", 3 * len(BODY))
+    provider = FakeProvider("p1", hold=True)
+    w = World(tmp_path, provider, max_in_flight=1)
+    w.start()
+    loads = count_loads(w, monkeypatch)
+    ids = [add_warm(w, n) for n in range(1, 6)]  # the first is in flight at once
+    assert w.queue._warm_bytes <= 3 * len(BODY)
+    while provider.held:
+        provider.release()
+    assert loads == ids[1:2]  # dropped from memory: read back from its file
+    assert [m.body for m in provider.delivered] == [BODY] * 5
+    assert w.queue._warm_bytes == 0

@@ -66,7 +66,7 @@ class IncomingMessage:
     def __init__(
         self,
         writer: MessageWriter,
-        on_durable: Callable[[Envelope, int], None],
+        on_durable: Callable[[Envelope, int, bytes | None], None],
         headers: HeaderCompleter,
     ) -> None:
         self._writer = writer
@@ -89,7 +89,8 @@ class IncomingMessage:
         d = self._writer.commit()
 
         def durable(queue_id: str) -> str:
-            self._on_durable(self._writer.envelope, self._writer.body_length)
+            writer = self._writer
+            self._on_durable(writer.envelope, writer.body_length, writer.body)
             return queue_id
 
         return d.addCallback(durable)
@@ -116,7 +117,7 @@ class RelayDelivery:
         hostname: str,
         spool: Spool,
         clock: IReactorTime,
-        on_accepted: Callable[[Envelope], None],
+        on_accepted: Callable[[Envelope, bytes | None], None],
         metrics: Metrics,
         allow_networks: Iterable[IPNetwork] = (),
     ) -> None:
@@ -197,7 +198,7 @@ class RelayDelivery:
         )
         return header.encode("ascii")
 
-    def _accepted(self, envelope: Envelope, size: int) -> None:
+    def _accepted(self, envelope: Envelope, size: int, body: bytes | None) -> None:
         recipients = envelope.recipients
         self.log.info(
             "{queue_id} received from=<{sender}> to={to} recipients={count}"
@@ -213,4 +214,4 @@ class RelayDelivery:
         )
         self._metrics.messages_received.inc()
         self._metrics.recipients_received.inc(len(recipients))
-        self._on_accepted(envelope)
+        self._on_accepted(envelope, body)

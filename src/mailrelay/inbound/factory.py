@@ -66,7 +66,7 @@ class RelaySMTPFactory(smtp.SMTPFactory):
         config: SMTPConfig,
         clock: IReactorTime,
         spool: Spool,
-        on_accepted: Callable[[Envelope], None],
+        on_accepted: Callable[[Envelope, bytes | None], None],
         metrics: Metrics,
         free_space: FreeSpace | None = None,
         limits: LimitsConfig | None = None,

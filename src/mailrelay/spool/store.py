@@ -595,6 +595,9 @@ class MessageWriter:
         self._final_path = spool.queue / envelope.queue_id
         self._framed = bytearray(MESSAGE_MAGIC + record(TAG_ENVELOPE, envelope.to_json()))
         self._pending = bytearray()
+        # The body as written, kept for the queue's first attempt (no read of the file then);
+        # None once the message spills to its file (a large one is read back instead).
+        self._body_parts: list[bytes] | None = []
         self._body_length = 0
         self._body_crc = 0
         self._error: OSError | None = None
@@ -610,6 +613,8 @@ class MessageWriter:
         self._body_length += len(data)
         self._body_crc = zlib.crc32(data, self._body_crc)
         self._pending += data
+        if self._body_parts is not None:
+            self._body_parts.append(data)
         if len(self._pending) >= BODY_RECORD_SIZE:
             self._frame_pending()
             if len(self._framed) >= SPILL_SIZE:
@@ -620,8 +625,14 @@ class MessageWriter:
             self._framed += record(TAG_BODY, bytes(self._pending))
             self._pending.clear()
 
+    @property
+    def body(self) -> bytes | None:
+        """The body written, unless the message was large enough to spill to its file."""
+        return None if self._body_parts is None else b"".join(self._body_parts)
+
     def _spill(self) -> None:
         """Move framed bytes from memory to the tmp file (large messages only)."""
+        self._body_parts = None
         if self._error is not None:
             self._framed.clear()
             return
