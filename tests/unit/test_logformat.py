@@ -211,7 +211,8 @@ def test_plugin_log_settings_follow_twistds_rules(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="Daemons cannot log to stdout"):
         _log_observer(config, LogSettings(file="-", daemon=True), reactor)
     log_file = tmp_path / "relay.log"
-    observer = _log_observer(config, LogSettings(file=str(log_file), format="json"), reactor)
+    stopped = Clock()  # no reactor turn to wait for: written at once
+    observer = _log_observer(config, LogSettings(file=str(log_file), format="json"), stopped)
     assert observer is not None
     observer({"log_format": "hello {who}", "who": "file", "log_time": 1.0})
     assert json.loads(log_file.read_text())["message"] == "hello file"
