@@ -91,16 +91,16 @@ class _StampCache:
     """twistd's time stamp (RFC 3339, local time, whole seconds), formatted once a second."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._text = "-"
+        self._cached = (-1, "-")  # one tuple: a thread never reads half an update
 
     def __call__(self, when: float | None) -> str:
         if when is None:
             return "-"
         second = int(when)
-        if second != self._second:
-            self._second, self._text = second, formatTime(when)
-        return self._text
+        cached = self._cached
+        if cached[0] != second:
+            cached = self._cached = (second, formatTime(when))
+        return cached[1]
 
 
 def classic_text(stamp: Callable[[float | None], str]) -> Callable[[LogEvent], str | None]:
@@ -116,6 +116,8 @@ def classic_text(stamp: Callable[[float | None], str]) -> Callable[[LogEvent], s
             # "{x()}" calls, a missing key, an object that refuses its format spec: Twisted's
             # formatter does these (or says it could not).
             return formatEventAsClassicLogText(event, formatTime=stamp)
+        if not text:
+            return None  # as Twisted's: an empty message is no line
         level = event.get("log_level")
         system = f"{event.get('log_namespace', '-')}#{level.name if level else '-'}"
         line = f"{stamp(event.get('log_time'))} [{system}] {text}"
@@ -139,7 +141,9 @@ class LineSink:
         self._pending: list[str] = []
         self._size = 0
         self._flush_call: IDelayedCall | None = None
-        self._lock = threading.Lock()  # threads write through here too
+        # Threads write through here too. Re-entrant: a signal handler that logs may run in
+        # the middle of a flush.
+        self._lock = threading.RLock()
         _SINKS.add(self)
 
     def write(self, line: str) -> None:
@@ -152,12 +156,13 @@ class LineSink:
                 self._out.write(line)
                 self._out.flush()
             return
-        self._pending.append(line)
-        self._size += len(line)
-        if self._size >= BUFFER_LIMIT:
-            self.flush()
-        elif self._flush_call is None:
-            self._flush_call = self._reactor.callLater(0, self.flush)
+        with self._lock:  # uncontended but for a thread's direct write swapping the list
+            self._pending.append(line)
+            self._size += len(line)
+            if self._size >= BUFFER_LIMIT:
+                self.flush()
+            elif self._flush_call is None:
+                self._flush_call = self._reactor.callLater(0, self.flush)
 
     def flush(self) -> None:
         with self._lock:

@@ -187,6 +187,7 @@ class DeliveryQueue:
         self._interrupted: dict[str, float] = {}
         self._markers: dict[str, float] = {}
         self._timer: IDelayedCall | None = None
+        self._pump_call: IDelayedCall | None = None
         self._running = False
         self._sending = False  # attempts may start (the attempt log is open)
         self.indexed: defer.Deferred[int] = defer.Deferred()
@@ -259,9 +260,10 @@ class DeliveryQueue:
     async def stop(self) -> None:
         """Stop starting attempts; close providers so running attempts end; wait for them."""
         self._running = False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for call in (self._timer, self._pump_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._pump_call = None
         await self._router.close()
         await defer.DeferredList(list(self._active.values()))
         self._spool.close_attempt_log()
@@ -306,13 +308,12 @@ class DeliveryQueue:
     def enqueue(self, envelope: Envelope, body: bytes | None = None) -> None:
         """A message the inbound side (or a DSN) has just made durable. ``body``, when given,
         is what the spool file holds: the first attempt uses it instead of reading the file."""
-        if body is not None and len(body) <= WARM_MAX_BODY:
+        # When the memory is used up, a new body is not kept (its file is read instead): the
+        # oldest kept ones are the next the FIFO attempts.
+        if body is not None and len(body) <= min(WARM_MAX_BODY, WARM_BYTES - self._warm_bytes):
             self._take_warm(envelope.queue_id)  # (never there: an ID is new; but be exact)
             self._warm[envelope.queue_id] = (envelope, body)
             self._warm_bytes += len(body)
-            while self._warm_bytes > WARM_BYTES:
-                _, (_, dropped) = self._warm.popitem(last=False)  # read from the file then
-                self._warm_bytes -= len(dropped)
         self.log.info(
             "{queue_id} queued: from=<{sender}> recipients={count}",
             queue_id=envelope.queue_id,
@@ -320,7 +321,15 @@ class DeliveryQueue:
             sender=envelope.sender,
             count=len(envelope.recipients),
         )
-        self._make_ready(envelope.queue_id)
+        if body is None:
+            self._make_ready(envelope.queue_id)
+            return
+        # Just accepted: its attempt starts on the next reactor turn, so the client's 250
+        # (written after this returns) does not wait for it; mail accepted in one turn
+        # starts together.
+        self._make_ready(envelope.queue_id, pump=False)
+        if self._pump_call is None:
+            self._pump_call = self._clock.callLater(0, self._pump_soon)
 
     def _index(self, queue_id: str) -> None:
         self._queued.add(queue_id)
@@ -329,11 +338,16 @@ class DeliveryQueue:
             self._by_age = list(self._queued)
             heapq.heapify(self._by_age)
 
-    def _make_ready(self, queue_id: str) -> None:
+    def _make_ready(self, queue_id: str, pump: bool = True) -> None:
         self._index(queue_id)
         self._due.pop(queue_id, None)
         if queue_id not in self._active:
             self._ready.append(queue_id)
+        if pump:
+            self._pump()
+
+    def _pump_soon(self) -> None:
+        self._pump_call = None
         self._pump()
 
     def _forget(self, queue_id: str) -> None:
@@ -357,12 +371,15 @@ class DeliveryQueue:
             queue_id = self._ready.popleft()
             if queue_id not in self._queued or queue_id in self._active or queue_id in self._due:
                 continue  # a stale entry
+            # In _active before the attempt runs: it may get far, even finish, before it first
+            # waits (a body in memory, a provider that answers at once).
+            done: defer.Deferred[None] = defer.Deferred()
+            self._active[queue_id] = done
             d = defer.Deferred.fromCoroutine(self._attempt(queue_id))
-            self._active[queue_id] = d
             d.addErrback(self._attempt_crashed, queue_id)
-            d.addBoth(self._attempt_done, queue_id)
+            d.addBoth(self._attempt_done, queue_id, done)
 
-    def _attempt_done(self, _: object, queue_id: str) -> None:
+    def _attempt_done(self, _: object, queue_id: str, done: defer.Deferred[None]) -> None:
         self._active.pop(queue_id, None)
         if self._markers.pop(queue_id, None) is not None:
             try:
@@ -381,6 +398,8 @@ class DeliveryQueue:
             d = defer.Deferred.fromCoroutine(waiting[1]())
             d.addErrback(self._command_failed, queue_id)
         self._pump()
+        # Last: stop() waits on these, and must find the attempt log's record written.
+        done.callback(None)
 
     def _attempt_crashed(self, failure: Failure, queue_id: str) -> None:
         # A bug or an I/O error we did not foresee: the message stays in the spool and is

@@ -1190,3 +1190,47 @@ def test_a_client_ready_again_when_too_old_quits_at_its_next_tick() -> None:
     s.up.take()
     s.clock.advance(0)
     assert s.up.take() == b"QUIT\r\n"
+
+
+# -- a large payload, written a piece at a time -----------------------------------------------
+
+
+def big_body() -> bytes:
+    return b"Subject: big\r\n\r\n" + (b"RCPT TO:<victim@example.test>\r\n" * 40_000)
+
+
+def test_a_large_payload_goes_in_pieces_and_the_dot_makes_it_uncertain() -> None:
+    s = ready_session()
+    msg = message(A, body=big_body())
+    d = s.client.send(msg)
+    s.up.take()
+    s.up.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    producer = s.up.transport.producer
+    assert producer is not None
+    while s.up.transport.producer is not None:
+        producer.resumeProducing()
+    assert s.up.take() == build_data_payload(msg.body)
+    s.up.lose(error.ConnectionLost())  # after the final dot: maybe delivered
+    [r] = result_of(d)
+    assert (r.kind, r.uncertain) == (Kind.TEMPORARY, True)
+
+
+def test_a_reply_before_the_end_of_a_large_payload_drops_the_connection() -> None:
+    s = ready_session()
+    d = s.client.send(message(A, body=big_body()))
+    s.up.take()
+    s.up.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    producer = s.up.transport.producer
+    assert producer is not None
+    producer.resumeProducing()  # one piece of many
+    s.up.take()
+    s.up.reply(b"552 5.3.4 message too big\r\n")
+    [r] = result_of(d)
+    # The body was never complete: temporary and certain, and nothing more goes out (no
+    # RSET, no next command, no rest of the body read as commands by the upstream).
+    assert (r.kind, r.uncertain) == (Kind.TEMPORARY, False)
+    assert r.failure is FailureClass.PROTOCOL and "552 5.3.4 message too big" in r.reply
+    assert s.up.transport.producer is None
+    producer.resumeProducing()
+    assert s.up.take() == b""
+    assert s.up.aborted

@@ -152,6 +152,7 @@ def classic_events() -> list[dict[str, object]]:
         base | {"log_format": "{log_text}", "log_text": "legacy", "log_system": "-"},
         base | {"log_format": "no level"} | {"log_level": None},
         {"log_format": "nothing else"},
+        base | {"log_format": "{log_io}", "log_io": ""},  # print() of an empty line: no line
         base | {"message": ("no format",)},
     ]
 

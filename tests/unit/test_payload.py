@@ -173,33 +173,55 @@ def test_a_dot_line_at_a_piece_boundary_is_stuffed(offset: int) -> None:
 def test_a_large_body_is_written_by_a_producer_a_piece_at_a_time() -> None:
     body = (b"a" * 98 + b"\r\n" + b".b" * 49 + b"\r\n") * (ONE_WRITE_LIMIT // 100)
     transport = StringTransport()
-    send_data_payload(transport, body)
-    assert transport.producer is not None and not transport.streaming
+    sent: list[bool] = []
+    producer = send_data_payload(transport, body, lambda: sent.append(True))
+    assert producer is not None and transport.producer is producer and not transport.streaming
     assert transport.value() == b""  # nothing yet: the transport asks for each piece
     writes = 0
     while transport.producer is not None:
+        assert sent == []  # the final dot is not out yet
         before = len(transport.value())
-        transport.producer.resumeProducing()
+        producer.resumeProducing()
         assert len(transport.value()) - before <= PIECE * 2  # stuffed dots at most double
         writes += 1
+    # Unregistered with the last piece written, not one round later.
+    assert sent == [True] and producer.finished
     assert transport.value() == build_data_payload(body)
     assert writes > len(body) // PIECE
 
 
 def test_a_small_body_is_one_write() -> None:
     transport = StringTransport()
-    send_data_payload(transport, b"Subject: x\r\n\r\n.hi\r\n")
-    assert transport.producer is None
+    sent: list[bool] = []
+    assert (
+        send_data_payload(transport, b"Subject: x\r\n\r\n.hi\r\n", lambda: sent.append(True))
+        is None
+    )
+    assert transport.producer is None and sent == [True]
     assert transport.value() == b"Subject: x\r\n\r\n..hi\r\n.\r\n"
 
 
 def test_a_lost_connection_stops_the_pieces() -> None:
     transport = StringTransport()
-    send_data_payload(transport, (b"x" * 98 + b"\r\n") * (ONE_WRITE_LIMIT // 50))
-    producer = transport.producer
+    sent: list[bool] = []
+    body = (b"x" * 98 + b"\r\n") * (ONE_WRITE_LIMIT // 50)
+    producer = send_data_payload(transport, body, lambda: sent.append(True))
     assert producer is not None
     producer.resumeProducing()
     producer.stopProducing()
     written = transport.value()
-    producer.resumeProducing()  # the transport unregisters it; nothing more is written
-    assert transport.value() == written and transport.producer is None
+    producer.resumeProducing()
+    assert transport.value() == written and sent == []
+
+
+def test_cancel_writes_nothing_more_and_unregisters() -> None:
+    transport = StringTransport()
+    body = (b"x" * 98 + b"\r\n") * (ONE_WRITE_LIMIT // 50)
+    producer = send_data_payload(transport, body, lambda: None)
+    assert producer is not None
+    producer.resumeProducing()
+    producer.cancel()
+    written = transport.value()
+    assert transport.producer is None and producer.finished
+    producer.resumeProducing()
+    assert transport.value() == written and not written.endswith(b"\r\n.\r\n")

@@ -9,7 +9,7 @@ bare CR or LF survives, every line starting with '.' gets one more, then the ter
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IPullProducer
@@ -69,30 +69,56 @@ class PayloadTransport(Protocol):
 
 
 @implementer(IPullProducer)
-class _PayloadProducer:
-    """Writes the payload a piece at a time, as the transport's buffer drains."""
+class PayloadProducer:
+    """Writes the payload a piece at a time, as the transport's buffer drains; unregisters
+    itself and calls ``on_sent`` when the last piece (the final dot) is written."""
 
-    def __init__(self, transport: PayloadTransport, pieces: Iterator[bytes]) -> None:
+    def __init__(
+        self,
+        transport: PayloadTransport,
+        pieces: Iterator[bytes],
+        on_sent: Callable[[], object],
+    ) -> None:
         self._transport = transport
         self._pieces = pieces
+        self._on_sent = on_sent
+        self._next: bytes | None = next(pieces, None)
+        self.finished = False  # every piece written, or stopped
 
     def resumeProducing(self) -> None:
-        piece = next(self._pieces, None)
-        if piece is None:
-            self._transport.unregisterProducer()
+        if self.finished or self._next is None:
             return
+        piece, self._next = self._next, next(self._pieces, None)
         self._transport.write(piece)
+        if self._next is None:
+            self.finished = True
+            self._transport.unregisterProducer()
+            self._on_sent()
 
     def stopProducing(self) -> None:
-        self._pieces = iter(())  # the connection is gone
+        """The connection is gone: nothing more is written."""
+        self.finished = True
+        self._next = None
+
+    def cancel(self) -> None:
+        """Stop before the end (the upstream answered early): write nothing more."""
+        if not self.finished:
+            self.stopProducing()
+            self._transport.unregisterProducer()
 
 
-def send_data_payload(transport: PayloadTransport, body: bytes) -> None:
-    """The payload to ``transport``: one write, or pieces through a pull producer."""
+def send_data_payload(
+    transport: PayloadTransport, body: bytes, on_sent: Callable[[], object]
+) -> PayloadProducer | None:
+    """The payload to ``transport``: one write (``on_sent`` at once, None returned), or pieces
+    through the returned producer (``on_sent`` when its final dot is written)."""
     if len(body) <= ONE_WRITE_LIMIT:
         transport.write(build_data_payload(body))
-    else:
-        transport.registerProducer(_PayloadProducer(transport, data_payload_pieces(body)), False)
+        on_sent()
+        return None
+    producer = PayloadProducer(transport, data_payload_pieces(body), on_sent)
+    transport.registerProducer(producer, False)
+    return producer
 
 
 def unstuff(wire: bytes) -> bytes:

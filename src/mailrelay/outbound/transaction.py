@@ -22,7 +22,7 @@ from typing import Literal
 
 from twisted.internet import defer
 
-from mailrelay.outbound.payload import send_data_payload
+from mailrelay.outbound.payload import PayloadProducer, send_data_payload
 from mailrelay.outbound.replies import ReplyReader
 from mailrelay.outbound.results import (
     FailureClass,
@@ -63,6 +63,8 @@ class _Transaction:
         self.expecting: deque[tuple[str, str]] = deque()  # (command, recipient or "")
         self.unsent: deque[tuple[bytes, tuple[str, str]]] = deque()
         self.after_final_dot = False
+        # A large payload still being written (payload.PayloadProducer), else None.
+        self.payload: PayloadProducer | None = None
 
 
 class TransactionSteps(ReplyReader):
@@ -154,6 +156,17 @@ class TransactionSteps(ReplyReader):
         if not transaction.expecting:
             self._session_failed("protocol", f"unexpected reply {self._reply_text(code, resp)}")
             return
+        if transaction.payload is not None and not transaction.payload.finished:
+            # A reply before our final dot: the upstream stopped reading the message (a 552
+            # mid-DATA, a broken server). Nothing more may follow on this connection: the rest
+            # of the body would be read as commands, or our next command as body. The body
+            # was never complete, so the recipients stay temporary (not possible duplicates).
+            transaction.payload.cancel()
+            self._session_failed(
+                "protocol",
+                f"reply before the end of the message: {self._reply_text(code, resp)}",
+            )
+            return
         command, recipient = transaction.expecting.popleft()
         if code == 421:
             self._server_closing(transaction, command, code, resp)
@@ -189,9 +202,15 @@ class TransactionSteps(ReplyReader):
                 # final reply share one deadline: the transfer allowance (data_timeout) plus
                 # the reply's (final_timeout).
                 self.setTimeout(self.provider.data_timeout + self.provider.final_timeout)
-                transaction.after_final_dot = True
                 transaction.expecting.append(("FINAL", ""))
-                send_data_payload(self._transport, transaction.message.body)
+
+                def dot_sent(transaction: _Transaction = transaction) -> None:
+                    # From here a lost connection leaves the upstream maybe holding it.
+                    transaction.after_final_dot = True
+
+                transaction.payload = send_data_payload(
+                    self._transport, transaction.message.body, dot_sent
+                )
                 return
             if code == 354:
                 # Every RCPT failed but the server still opened DATA (RFC 2920 3.1): send an
