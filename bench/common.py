@@ -407,10 +407,13 @@ class CountingSink(SmtpSink):
                 text = log.read().decode(errors="replace")
         except FileNotFoundError:
             return 0
-        reports = [r for r in text.replace("\n", "\r").split("\r") if r.startswith("sess=")]
-        if not reports:
-            return 0
-        return int(dict(item.split("=") for item in reports[-1].split())["mesg"])
+        # The sink rewrites its report line in place; the last one may be half written
+        # (read while it was printing): the newest complete report counts.
+        for report in reversed(text.replace("\n", "\r").split("\r")):
+            fields = dict(item.partition("=")[::2] for item in report.split())
+            if report.startswith("sess=") and fields.get("mesg", "").isdigit():
+                return int(fields["mesg"])
+        return 0
 
     def wait_transactions(self, expected: int, timeout: float, poll: float = 0.005) -> float | None:
         """Poll until the sink counted ``expected`` transactions: perf_counter() when seen, or

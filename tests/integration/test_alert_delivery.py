@@ -22,7 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -47,23 +47,13 @@ from mailrelay.config import parse
 from mailrelay.service import buildService
 from tests.support.certs import ServerCert, session_pki
 from tests.support.net import free_port, port_accepts
+from tests.support.polling import poll
 from tests.support.upstream import UpstreamProcess
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "hook-token-0123456789"
 HANG = 0  # a receiver's "answer": none at all
-
-
-async def poll(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll ``predicate`` with the reactor running; AssertionError after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            if predicate():
-                return
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await task.deferLater(reactor, 0.02)
 
 
 def notice(kind: Any, at: float) -> Notice:

@@ -19,7 +19,7 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,6 +38,7 @@ from mailrelay.outbound.pool import SMTPProvider
 from mailrelay.outbound.results import Kind, OutboundMessage
 from mailrelay.outbound.router import RoutedResult, Router
 from tests.support.net import free_port
+from tests.support.polling import poll
 from tests.support.upstream import UpstreamProcess
 
 pytestmark = pytest.mark.integration
@@ -60,17 +61,6 @@ def outbound(queue_id: str, recipients: tuple[str, ...] = ("user@example.com",))
 async def pause(seconds: float) -> None:
     """Let the reactor run for ``seconds`` (pacing traffic, never waiting for an event)."""
     await task.deferLater(reactor, seconds)
-
-
-async def poll(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll ``predicate`` with the reactor running; AssertionError after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            if predicate():
-                return
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await pause(0.02)
 
 
 def arrival_times(upstream: UpstreamProcess) -> list[float]:
