@@ -21,7 +21,9 @@ Each line has ``time`` (UTC, ISO 8601 with milliseconds), ``level``, ``namespace
 (strings, numbers, booleans, null, lists of those): an object in an event (a protocol, a
 Failure) is never serialised by its repr. A logged failure adds ``error`` and ``traceback``.
 
-twistd picks the observer up from the application (see service.makeService/makeApplication).
+twistd picks the observer up from the application (the service sets it as the application's
+ILogObserver); ``twistd_log_observer`` decides where it writes from twistd's own options
+(--logfile, daemon mode, --syslog), as twistd would for its text log.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ from __future__ import annotations
 import atexit
 import json
 import math
+import signal
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, cast
 
+import attrs
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import (
     ILogObserver,
@@ -44,6 +49,7 @@ from twisted.logger import (
     formatTime,
 )
 from twisted.python import threadable
+from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 # Flushed at once past this many buffered characters, whatever the turn.
@@ -214,3 +220,46 @@ def log_observer(log_format: str, out: IO[str], reactor: Any) -> LineObserver:
 
 def json_observer(out: IO[str], reactor: Any = None) -> LineObserver:
     return log_observer("json", out, reactor)
+
+
+# -- twistd's logging options -------------------------------------------------------------
+
+
+@attrs.frozen
+class LogSettings:
+    """How twistd was asked to log, from the plugin's command line (see makeService)."""
+
+    format: str | None = None  # --log-format; None: the config's [log] format
+    file: str | None = None  # twistd's --logfile; None or "-": stdout
+    daemon: bool = False  # twistd without -n
+    syslog: bool = False  # twistd's --syslog
+
+
+def _log_output(settings: LogSettings, reactor: Any) -> IO[str]:
+    """Where twistd's own text observer would write, so --logfile keeps its meaning."""
+    if settings.file in (None, "-") and not settings.daemon:
+        return sys.stdout
+    if settings.file == "-":
+        raise SystemExit("Daemons cannot log to stdout, exiting!")  # twistd's words
+    # Rotated like twistd's text log (1 MB files), and on SIGUSR1 as twistd does.
+    log_file = LogFile.fromFullPath(settings.file or "twistd.log")
+    if not signal.getsignal(signal.SIGUSR1):
+        signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(log_file.rotate))
+    return cast(IO[str], log_file)
+
+
+def twistd_log_observer(
+    config_format: str, settings: LogSettings | None, reactor: Any
+) -> ILogObserver | None:
+    """Our observer for twistd's application (for ``[log] format``), or None: twistd's own.
+
+    Under relay.tac (``settings`` None) twistd's options are out of sight: its own text
+    observer stays, and JSON goes to stdout. With --syslog, twistd's syslog observer."""
+    log_format = (settings.format if settings else None) or config_format
+    if settings is None:
+        return log_observer("json", sys.stdout, reactor) if log_format == "json" else None
+    if settings.syslog:
+        if log_format == "json":
+            raise SystemExit("mailrelay: --log-format json and --syslog exclude each other")
+        return None
+    return log_observer(log_format, _log_output(settings, reactor), reactor)

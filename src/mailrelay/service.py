@@ -9,20 +9,16 @@ outcomes), and the I/O thread pool last.
 
 from __future__ import annotations
 
-import signal
 import socket
-import sys
 import time
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any
 
-import attrs
 from twisted.application import internet, service, strports
 from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python import components, usage
-from twisted.python.logfile import LogFile
 from twisted.python.threadpool import ThreadPool
 
 from mailrelay import __version__
@@ -44,7 +40,7 @@ from mailrelay.control import ControlFactory
 from mailrelay.diskspace import FreeSpace
 from mailrelay.endpoints import parse_server_endpoint
 from mailrelay.inbound.factory import ProxyHeaderFactory, RelaySMTPFactory
-from mailrelay.logformat import log_observer
+from mailrelay.logformat import LogSettings, twistd_log_observer
 from mailrelay.metrics import Metrics
 from mailrelay.monitor import Monitor
 from mailrelay.outbound.activity import Activity
@@ -73,7 +69,7 @@ class Options(usage.Options):
             "log-format",
             None,
             None,
-            "text or json: one JSON object per line on stdout (default: the config's [log]"
+            "text or json: one JSON object per line (default: the config's [log]"
             " format, else text).",
         ],
     ]
@@ -314,46 +310,6 @@ def _alert_channels(config: Config, reactor: Any, router: Router, spool: Spool) 
     return channels
 
 
-@attrs.frozen
-class LogSettings:
-    """How twistd was asked to log, from the plugin's command line (see makeService)."""
-
-    format: str | None = None  # --log-format; None: the config's [log] format
-    file: str | None = None  # twistd's --logfile; None or "-": stdout
-    daemon: bool = False  # twistd without -n
-    syslog: bool = False  # twistd's --syslog
-
-
-def _log_output(settings: LogSettings, reactor: Any) -> IO[str]:
-    """Where twistd's own text observer would write, so --logfile keeps its meaning."""
-    if settings.file in (None, "-") and not settings.daemon:
-        return sys.stdout
-    if settings.file == "-":
-        raise SystemExit("Daemons cannot log to stdout, exiting!")  # twistd's words
-    # Rotated like twistd's text log (1 MB files), and on SIGUSR1 as twistd does.
-    log_file = LogFile.fromFullPath(settings.file or "twistd.log")
-    if not signal.getsignal(signal.SIGUSR1):
-        signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(log_file.rotate))
-    return cast(IO[str], log_file)
-
-
-def _log_observer(
-    config: Config, settings: LogSettings | None, reactor: Any
-) -> ILogObserver | None:
-    """Our observer for the application (see logformat.py), or None: twistd's own.
-
-    Under relay.tac (``settings`` None) twistd's options are out of sight: its own text
-    observer stays, and JSON goes to stdout. With --syslog, twistd's syslog observer."""
-    log_format = (settings.format if settings else None) or config.log.format
-    if settings is None:
-        return log_observer("json", sys.stdout, reactor) if log_format == "json" else None
-    if settings.syslog:
-        if log_format == "json":
-            raise SystemExit("mailrelay: --log-format json and --syslog exclude each other")
-        return None
-    return log_observer(log_format, _log_output(settings, reactor), reactor)
-
-
 def buildService(
     reactor: Any,
     config: Config,
@@ -366,7 +322,7 @@ def buildService(
     twistd is to use (see _log_observer)."""
     metrics = metrics if metrics is not None else Metrics()
     top = _SequentialMultiService()
-    top.log_observer = _log_observer(config, log_settings, reactor)
+    top.log_observer = twistd_log_observer(config.log.format, log_settings, reactor)
 
     pool = ThreadPool(minthreads=1, maxthreads=8, name="mailrelay-io")
     runner = ThreadRunner(reactor, pool)

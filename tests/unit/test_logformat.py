@@ -19,12 +19,14 @@ from mailrelay.logformat import (
     BUFFER_LIMIT,
     LineObserver,
     LineSink,
+    LogSettings,
     _StampCache,
     classic_text,
     event_as_json,
     json_observer,
+    twistd_log_observer,
 )
-from mailrelay.service import LogSettings, Options, _log_observer, buildService
+from mailrelay.service import Options, buildService
 
 
 def logged(emit: object = None) -> list[dict[str, object]]:
@@ -203,17 +205,17 @@ def test_a_full_buffer_is_written_without_waiting_for_the_turn() -> None:
 
 
 def test_plugin_log_settings_follow_twistds_rules(tmp_path: Path) -> None:
-    config = parse({"spool": {"path": str(tmp_path / "spool")}})
+    text = parse({"spool": {"path": str(tmp_path / "spool")}}).log.format
     reactor = RunningClock()
-    assert isinstance(_log_observer(config, LogSettings(), reactor), LineObserver)
-    assert _log_observer(config, LogSettings(syslog=True), reactor) is None  # twistd's syslog
+    assert isinstance(twistd_log_observer(text, LogSettings(), reactor), LineObserver)
+    assert twistd_log_observer(text, LogSettings(syslog=True), reactor) is None  # twistd's
     with pytest.raises(SystemExit, match="--syslog"):
-        _log_observer(config, LogSettings(format="json", syslog=True), reactor)
+        twistd_log_observer(text, LogSettings(format="json", syslog=True), reactor)
     with pytest.raises(SystemExit, match="Daemons cannot log to stdout"):
-        _log_observer(config, LogSettings(file="-", daemon=True), reactor)
+        twistd_log_observer(text, LogSettings(file="-", daemon=True), reactor)
     log_file = tmp_path / "relay.log"
     stopped = Clock()  # no reactor turn to wait for: written at once
-    observer = _log_observer(config, LogSettings(file=str(log_file), format="json"), stopped)
+    observer = twistd_log_observer(text, LogSettings(file=str(log_file), format="json"), stopped)
     assert observer is not None
     observer({"log_format": "hello {who}", "who": "file", "log_time": 1.0})
     assert json.loads(log_file.read_text())["message"] == "hello file"
