@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -33,12 +33,16 @@ from mailrelay.web.status import StatusView, render_status_page
 STATUS_ROWS = 20
 
 
+class ActiveAlerts(Protocol):
+    def active(self) -> list[ActiveAlert]: ...
+
+
 @attrs.frozen
 class Operations:
     """Everything the HTTP side reads, in one value."""
 
     monitor: Monitor
-    alerts: Any  # an AlertManager (has .active())
+    alerts: ActiveAlerts  # the AlertManager
     min_free_space: int
     hostname: str
 
