@@ -29,6 +29,10 @@ class ConfigError(Exception):
     """A configuration problem, already phrased for the operator: ``key: what is wrong``."""
 
 
+# smtp.processes at most: more processes than cores only add context switches.
+MAX_PROCESSES = 64
+
+
 def _default_hostname() -> str:
     name = socket.gethostname()
     if name and all(c.isascii() and (c.isalnum() or c in "-.") for c in name):
@@ -59,6 +63,10 @@ class SMTPConfig:
     # listen address is allowed and only these peers get in. On a haproxy: listener both the
     # proxy (the socket's peer) and the client named in its PROXY header must pass.
     allow_networks: tuple[str, ...] = ()
+    # Processes that accept mail on the smtp.listen sockets: this one, plus processes - 1
+    # acceptor processes that share its listening sockets and spool and hand every message
+    # they accept to it for delivery (see mailrelay.acceptors). More than 1 uses more cores.
+    processes: int = 1
 
 
 @attrs.frozen
@@ -79,6 +87,34 @@ class LimitsConfig:
     sender_burst: int = 50
     # Keys each rate limiter tracks at most; past that the key used longest ago is forgotten.
     max_tracked_keys: int = 100_000
+
+
+def per_process_share(smtp: SMTPConfig, limits: LimitsConfig) -> tuple[SMTPConfig, LimitsConfig]:
+    """The inbound limits one of smtp.processes processes enforces: its share of each, so the
+    processes together allow what the config says (counts rounded up, never below 1).
+
+    Each process counts only the connections it accepted, so a client whose connections land
+    unevenly may meet a process's share a little before the whole limit."""
+    n = smtp.processes
+    if n == 1:
+        return smtp, limits
+
+    def share(count: int) -> int:
+        return -(-count // n) if count > 0 else count  # 0 (off) stays off
+
+    return (
+        attrs.evolve(smtp, max_connections=share(smtp.max_connections)),
+        attrs.evolve(
+            limits,
+            connections_per_peer=share(limits.connections_per_peer),
+            connection_rate=limits.connection_rate / n,
+            connection_burst=share(limits.connection_burst),
+            messages_per_client=limits.messages_per_client / n,
+            client_burst=share(limits.client_burst),
+            messages_per_sender=limits.messages_per_sender / n,
+            sender_burst=share(limits.sender_burst),
+        ),
+    )
 
 
 @attrs.frozen
@@ -342,6 +378,7 @@ def _parse_smtp(t: Mapping[str, Any], key: str) -> SMTPConfig:
         session_timeout=_seconds(t, "session_timeout", key, d.session_timeout),
         max_errors=_int(t, "max_errors", key, d.max_errors, minimum=1),
         greet_pause=_seconds(t, "greet_pause", key, d.greet_pause, zero_ok=True),
+        processes=_int(t, "processes", key, d.processes, minimum=1, maximum=MAX_PROCESSES),
     )
 
 

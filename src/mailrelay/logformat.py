@@ -60,7 +60,7 @@ _LEGACY = frozenset({"format", "message", "system", "isError", "time", "printed"
 _PLAIN = (str, int, float, bool, type(None))
 
 
-def _plain(value: Any) -> bool:
+def is_plain(value: Any) -> bool:
     if isinstance(value, _PLAIN):
         return True
     return isinstance(value, list | tuple) and all(isinstance(v, _PLAIN) for v in value)
@@ -81,7 +81,7 @@ def event_as_json(event: LogEvent) -> str:
         "message": formatEvent(event),
     }
     for key, value in event.items():
-        if key.startswith("log_") or key in _LEGACY or key in record or not _plain(value):
+        if key.startswith("log_") or key in _LEGACY or key in record or not is_plain(value):
             continue
         if isinstance(value, float) and not math.isfinite(value):
             value = None  # JSON has no NaN or Infinity

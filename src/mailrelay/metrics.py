@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from mailrelay import __version__
 
@@ -227,6 +227,22 @@ class Metrics:
             "When this mailrelay process started (Unix time).",
             registry=r,
         )
+        self.acceptor_restarts = Counter(
+            "mailrelay_acceptor_restarts_total",
+            "Acceptor processes (smtp.processes > 1) that exited unasked and were restarted.",
+            registry=r,
+        )
+        # What /metrics renders: this registry, or a view of it (see expose).
+        self._exposed: Any = r
+
+    def expose(self, view: Any) -> None:
+        """Render ``view`` (anything with the registry's collect()) instead of the registry:
+        with acceptor processes, a MergedRegistry adds their samples (acceptors.samples)."""
+        self._exposed = view
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric (generate_latest)."""
+        return generate_latest(self._exposed)
 
     def watch(self, state: WatchedState) -> None:
         """Read the queue's state at scrape time instead of updating gauges on every change."""

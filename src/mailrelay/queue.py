@@ -221,25 +221,8 @@ class DeliveryQueue:
         if not self._running:
             return
         now = self._clock.seconds()
-        left = self._left_since_scan or set()
-        latest = self._policy.maximum * (1 + self._policy.jitter)
         for queue_id, next_attempt in scanned[start : start + INDEX_CHUNK]:
-            if queue_id in self._queued or queue_id in left:
-                continue  # indexed since the scan (accepted, retried), or gone (held, done)
-            if not is_queue_id(queue_id):
-                # Not ours (a file copied in by hand): never delivered, never counted.
-                self.log.warn(
-                    "ignoring {name} in queue/: not a queue ID (move it out of the spool)",
-                    name=queue_id,
-                )
-                continue
-            self._index(queue_id)
-            if next_attempt > now:
-                # No deferral is ever longer than the backoff's cap: an mtime further ahead
-                # comes from a clock that was set back (or a hand-made file), not from us.
-                self._defer_until(queue_id, min(next_attempt, now + latest))
-            else:
-                self._ready.append(queue_id)
+            self._index_scanned(queue_id, next_attempt, now)
         self._pump()
         if start + INDEX_CHUNK < len(scanned):
             self._clock.callLater(0, self._index_chunk, scanned, start + INDEX_CHUNK, began)
@@ -256,6 +239,63 @@ class DeliveryQueue:
             )
         self._left_since_scan = None
         self.indexed.callback(len(scanned))
+
+    def _index_scanned(self, queue_id: str, next_attempt: float, now: float) -> bool:
+        """One (ID, mtime) from a scan of queue/ into the index, unless it is there already."""
+        if queue_id in self._queued or queue_id in (self._left_since_scan or ()):
+            return False  # indexed since the scan (accepted, retried), or gone (held, done)
+        if not is_queue_id(queue_id):
+            # Not ours (a file copied in by hand): never delivered, never counted.
+            self.log.warn(
+                "ignoring {name} in queue/: not a queue ID (move it out of the spool)",
+                name=queue_id,
+            )
+            return False
+        self._index(queue_id)
+        if next_attempt > now:
+            # No deferral is ever longer than the backoff's cap: an mtime further ahead comes
+            # from a clock that was set back (or a hand-made file), not from us.
+            latest = self._policy.maximum * (1 + self._policy.jitter)
+            self._defer_until(queue_id, min(next_attempt, now + latest))
+        else:
+            self._ready.append(queue_id)
+        return True
+
+    async def adopt_unindexed(self) -> int:
+        """Index what is in queue/ but not in the index: mail an acceptor process made durable
+        and could not report (it died first). Returns how many were found."""
+        if not self.indexed.called:
+            # After the start-up scan, whose bookkeeping this shares (a fresh Deferred: an
+            # await would take indexed's result from its other readers).
+            scan_done: defer.Deferred[None] = defer.Deferred()
+
+            def passing(result: object) -> object:
+                scan_done.callback(None)
+                return result
+
+            self.indexed.addBoth(passing)
+            await scan_done
+
+        async def step() -> int:
+            if not self._running:
+                return 0
+            self._left_since_scan = set()
+            try:
+                scanned = await self._spool.run(self._spool.scan, QUEUE)
+                now = self._clock.seconds()
+                adopted = sum(self._index_scanned(q, when, now) for q, when in scanned)
+            finally:
+                self._left_since_scan = None
+            if adopted:
+                self.log.warn(
+                    "found {count} message(s) in queue/ that no process had reported;"
+                    " delivering them",
+                    count=adopted,
+                )
+                self._pump()
+            return adopted
+
+        return await self._one_at_a_time(step)
 
     async def stop(self) -> None:
         """Stop starting attempts; close providers so running attempts end; wait for them."""
@@ -308,6 +348,8 @@ class DeliveryQueue:
     def enqueue(self, envelope: Envelope, body: bytes | None = None) -> None:
         """A message the inbound side (or a DSN) has just made durable. ``body``, when given,
         is what the spool file holds: the first attempt uses it instead of reading the file."""
+        if envelope.queue_id in self._queued:
+            return  # found by adopt_unindexed before its report arrived
         # When the memory is used up, a new body is not kept (its file is read instead): the
         # oldest kept ones are the next the FIFO attempts.
         if body is not None and len(body) <= min(WARM_MAX_BODY, WARM_BYTES - self._warm_bytes):

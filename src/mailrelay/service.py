@@ -19,9 +19,10 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python import components, usage
-from twisted.python.threadpool import ThreadPool
 
 from mailrelay import __version__
+from mailrelay.acceptors.samples import MergedRegistry, RemoteSamples
+from mailrelay.acceptors.supervisor import AcceptorSupervisor
 from mailrelay.alerts.mail import MailChannel
 from mailrelay.alerts.rules import (
     AlertManager,
@@ -34,12 +35,19 @@ from mailrelay.alerts.rules import (
     Rule,
 )
 from mailrelay.alerts.webhook import WebhookChannel
-from mailrelay.blocking import BlockingRunner, ThreadRunner
-from mailrelay.config import AlertsConfig, Config, ConfigError, ProviderConfig, load
+from mailrelay.blocking import IO_THREADS, BlockingRunner, IOThreads
+from mailrelay.config import (
+    AlertsConfig,
+    Config,
+    ConfigError,
+    ProviderConfig,
+    load,
+    per_process_share,
+)
 from mailrelay.control import ControlFactory
 from mailrelay.diskspace import FreeSpace
-from mailrelay.endpoints import parse_server_endpoint
-from mailrelay.inbound.factory import ProxyHeaderFactory, RelaySMTPFactory
+from mailrelay.inbound.factory import RelaySMTPFactory
+from mailrelay.inbound.listeners import SMTPListeners
 from mailrelay.logformat import LogSettings, twistd_log_observer
 from mailrelay.metrics import Metrics
 from mailrelay.monitor import Monitor
@@ -116,8 +124,8 @@ class _SequentialMultiService(service.MultiService):
         return defer.Deferred.fromCoroutine(stop_in_turn())
 
 
-class _ThreadPoolService(service.Service):
-    def __init__(self, pool: ThreadPool) -> None:
+class _IOThreadsService(service.Service):
+    def __init__(self, pool: IOThreads) -> None:
         self._pool = pool
 
     def startService(self) -> None:
@@ -250,18 +258,6 @@ def _listen_endpoints(config: Config) -> tuple[str, ...]:
     return listen
 
 
-def _smtp_listener(
-    reactor: Any, description: str, factory: RelaySMTPFactory
-) -> internet.StreamServerEndpointService:
-    """One ``smtp.listen`` entry as a service: a ``haproxy:`` one listens on the endpoint under
-    the prefix, through our PROXY header reader (not Twisted's wrapper, which would build the
-    SMTP protocol, and send the banner, before reading the header: see mailrelay.endpoints)."""
-    listen = parse_server_endpoint(description)
-    if listen.proxied:
-        return strports.service(listen.endpoint, ProxyHeaderFactory(factory), reactor=reactor)
-    return strports.service(description, factory, reactor=reactor)
-
-
 def _build_provider(
     config: ProviderConfig, reactor: Any, runner: BlockingRunner, metrics: Metrics
 ) -> IProvider:
@@ -324,8 +320,7 @@ def buildService(
     top = _SequentialMultiService()
     top.log_observer = twistd_log_observer(config.log.format, log_settings, reactor)
 
-    pool = ThreadPool(minthreads=1, maxthreads=8, name="mailrelay-io")
-    runner = ThreadRunner(reactor, pool)
+    runner = pool = IOThreads(reactor, IO_THREADS, name="mailrelay-io")
     spool = Spool(Path(config.spool.path), runner, reactor.seconds)
     try:
         spool.root.mkdir(parents=True, exist_ok=True)
@@ -367,14 +362,16 @@ def buildService(
     # still reads free space (for /health and the disk_low alert) through one with no floor.
     disk = FreeSpace(config.spool.path, config.spool.min_free_space, reactor)
     free_space = disk if config.spool.min_free_space > 0 else None
+    # With acceptor processes, this process enforces its share of the inbound limits too.
+    smtp_share, limits_share = per_process_share(config.smtp, config.limits)
     factory = RelaySMTPFactory(
-        config.smtp,
+        smtp_share,
         reactor,
         spool,
         queue.enqueue,
         metrics,
         free_space=free_space,
-        limits=config.limits,
+        limits=limits_share,
     )
     readiness = _ReadinessService(reactor, config.http.drain_time)
 
@@ -417,13 +414,27 @@ def buildService(
     # while the queue drains at stop. Readiness last: at stop it turns /health/ready to 503
     # first, and waits http.drain_time before the SMTP listeners close.
     _SpoolLockService(lock).setServiceParent(top)
-    _ThreadPoolService(pool).setServiceParent(top)
+    _IOThreadsService(pool).setServiceParent(top)
     strports.service(config.http.listen, site).setServiceParent(top)
     queue_service.setServiceParent(top)
     _ControlSocketService(reactor, spool.control_socket, control).setServiceParent(top)
     _MonitorService(monitor).setServiceParent(top)
-    for description in _listen_endpoints(config):
-        _smtp_listener(reactor, description, factory).setServiceParent(top)
+    listeners = SMTPListeners(reactor, _listen_endpoints(config), factory)
+    listeners.setServiceParent(top)
+    if config.smtp.processes > 1:
+        remote = RemoteSamples()
+        metrics.expose(MergedRegistry(metrics.registry, remote))
+        AcceptorSupervisor(
+            reactor,
+            listeners.ports,
+            config.smtp,
+            config.limits,
+            config.spool,
+            queue.enqueue,
+            lambda: defer.Deferred.fromCoroutine(queue.adopt_unindexed()),
+            metrics,
+            remote,
+        ).setServiceParent(top)
     readiness.setServiceParent(top)
 
     if all(p.kind == "maildir" for p in config.providers):

@@ -8,14 +8,12 @@ import json
 import signal
 import smtplib
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.net import free_port, port_accepts, wait_until
+from tests.support.net import free_port, http_get, port_accepts, wait_until
 from tests.support.relay import RelayProcess, relay_config, toml_value
 from tests.support.upstream import UpstreamProcess
 
@@ -47,17 +45,9 @@ def config_with(
     return text + "\n".join(lines) + "\n", smtp_port, http_port
 
 
-def get(port: int, path: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 def metrics(port: int) -> dict[str, float]:
     """Every sample of /metrics: 'name{labels}' -> value."""
-    _, text = get(port, "/metrics")
+    _, text = http_get(port, "/metrics")
     samples: dict[str, float] = {}
     for line in text.decode().splitlines():
         if line and not line.startswith("#"):
@@ -173,22 +163,22 @@ def test_health_fails_while_the_default_chain_is_down_and_recovers(tmp_path: Pat
         tmp_path, upstream_port, provider, spool={"retry_initial": 1.0, "retry_max": 2.0}
     )
     with RelayProcess(tmp_path, text, smtp_port, http_port):
-        assert json.loads(get(http_port, "/health")[1])["status"] == "ok"
+        assert json.loads(http_get(http_port, "/health")[1])["status"] == "ok"
         send(smtp_port, ["user@example.com"], "while down")  # nobody listens upstream
 
         def status() -> tuple[int, str]:
-            code, body = get(http_port, "/health")
+            code, body = http_get(http_port, "/health")
             return code, json.loads(body)["status"]
 
         wait_until(lambda: status() == (503, "failing"), 20, what="/health failing")
-        code, body = get(http_port, "/health")
+        code, body = http_get(http_port, "/health")
         health = json.loads(body)
         assert health["reasons"][0].startswith("every provider of the default chain is down")
         (primary,) = health["providers"]
         assert primary["breaker"] in ("open", "half-open")
         assert primary["last_error_class"] == "connect"
-        assert get(http_port, "/health/ready")[0] == 200  # mail is still accepted
-        assert get(http_port, "/health/live")[0] == 200
+        assert http_get(http_port, "/health/ready")[0] == 200  # mail is still accepted
+        assert http_get(http_port, "/health/live")[0] == 200
 
         with UpstreamProcess(tmp_path / "upstream", port=upstream_port) as upstream:
             wait_until(lambda: status() == (200, "ok"), 20, what="/health ok again")
@@ -201,13 +191,13 @@ def test_at_stop_ready_turns_503_while_smtp_and_http_still_answer(tmp_path: Path
     text = text.replace("[spool]", "drain_time = 3.0\n[spool]", 1)  # into [http]
     relay = RelayProcess(tmp_path, text, smtp_port, http_port)
     with relay:
-        assert get(http_port, "/health/ready")[0] == 200
+        assert http_get(http_port, "/health/ready")[0] == 200
         assert relay._proc is not None
         relay._proc.send_signal(signal.SIGTERM)
-        wait_until(lambda: get(http_port, "/health/ready")[0] == 503, 5, what="ready 503")
+        wait_until(lambda: http_get(http_port, "/health/ready")[0] == 503, 5, what="ready 503")
         # Draining: a load balancer's check sees 503 while mail is still taken.
         assert port_accepts("127.0.0.1", smtp_port)
-        code, body = get(http_port, "/health")
+        code, body = http_get(http_port, "/health")
         assert code == 503 and "not accepting mail" in json.loads(body)["reasons"][0]
         # twistd ends a clean stop by re-raising the signal it got.
         assert relay._proc.wait(timeout=20) in (0, -signal.SIGTERM)

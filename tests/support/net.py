@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 
 
@@ -72,3 +74,12 @@ def wait_until(
                 return
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate!r}")
         time.sleep(interval)
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """GET http://127.0.0.1:port/path: (status, body), an HTTP error status included."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()

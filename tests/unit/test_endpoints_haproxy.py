@@ -15,7 +15,6 @@ from typing import Any
 import attrs
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.interfaces import IAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -29,10 +28,10 @@ from mailrelay.inbound.factory import (
     ProxyHeaderReader,
     RelaySMTPFactory,
 )
+from mailrelay.inbound.listeners import SMTPListeners
 from mailrelay.inbound.protocol import RelayESMTP
 from mailrelay.metrics import Metrics
 from mailrelay.netaddr import canonical_peer
-from mailrelay.service import _smtp_listener
 from mailrelay.spool.format import Envelope, decode_message
 from mailrelay.spool.store import Spool
 from tests.unit.test_inbound_limits import make_relay as make_inbound_relay
@@ -481,18 +480,25 @@ def test_the_service_puts_the_header_reader_in_front_of_haproxy_listeners(
     from twisted.internet.testing import MemoryReactor
 
     reactor = MemoryReactor()
-    proxied = _smtp_listener(reactor, "haproxy:tcp:2526:interface=127.0.0.1", relay.smtp_factory)
-    assert isinstance(proxied.factory, ProxyHeaderFactory)
-    assert proxied.factory.wrapped is relay.smtp_factory
-    assert isinstance(proxied.endpoint, TCP4ServerEndpoint)
-    plain = _smtp_listener(reactor, "tcp:2525:interface=127.0.0.1", relay.smtp_factory)
-    assert plain.factory is relay.smtp_factory
     sock_path = str(tmp_path / "s.sock")
-    unix = _smtp_listener(reactor, f"haproxy:unix:{sock_path}:mode=660", relay.smtp_factory)
-    assert isinstance(unix.endpoint, UNIXServerEndpoint)
-    assert isinstance(unix.factory, ProxyHeaderFactory)
-    # Listening on the memory reactor uses our factory, not Twisted's wrapping one.
-    proxied.startService()
-    [(port, factory, _backlog, interface)] = reactor.tcpServers
+    listeners = SMTPListeners(
+        reactor,
+        [
+            "haproxy:tcp:2526:interface=127.0.0.1",
+            "tcp:2525:interface=127.0.0.1",
+            f"haproxy:unix:{sock_path}:mode=660",
+        ],
+        relay.smtp_factory,
+    )
+    listeners.startService()
+    # Listening uses our header reader, not Twisted's wrapping one; the plain one the factory.
+    [(port, proxied, _b, interface), (plain_port, plain, _b2, _i2)] = reactor.tcpServers
     assert (port, interface) == (2526, "127.0.0.1")
-    assert factory is proxied.factory
+    assert isinstance(proxied, ProxyHeaderFactory)
+    assert proxied.wrapped is relay.smtp_factory
+    assert (plain_port, plain) == (2525, relay.smtp_factory)
+    [(path, unix, *_)] = reactor.unixServers
+    assert path == sock_path
+    assert isinstance(unix, ProxyHeaderFactory)
+    listening = listeners.ports.result
+    assert [x.proxied for x in listening] == [True, False, True]

@@ -18,7 +18,7 @@ import json
 from typing import Any, Protocol
 
 import attrs
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.web import resource, server
 from twisted.web.iweb import IRequest
 
@@ -144,7 +144,7 @@ class MetricsResource(_LocalGetResource):
 
     def render_GET(self, request: IRequest) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        output: bytes = generate_latest(self._metrics.registry)
+        output: bytes = self._metrics.exposition()
         return output
 
 

@@ -1,0 +1,105 @@
+"""Frames on the pipe from an acceptor process to the relay process (its stdout).
+
+A frame is one kind octet, a 4-octet big-endian payload length, then the payload:
+
+    Q   a message the acceptor made durable in queue/: its envelope (JSON); the relay process
+        reads the body from the spool at the first attempt
+    W   the same with the body, for the first attempt to use without a spool read: a 4-octet
+        envelope length, the envelope (JSON), the body
+    L   a log event (``twisted.logger.eventAsJSON``)
+    M   a metrics snapshot (see samples.py)
+
+A pipe is reliable and ordered, so there is no acknowledgement: a message whose frame never
+arrived (the acceptor died between its commit and the write) is found by the rescan of
+queue/ that follows any acceptor's exit.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import attrs
+
+from mailrelay.spool.format import Envelope
+
+QUEUED = b"Q"
+QUEUED_WITH_BODY = b"W"
+LOG_EVENT = b"L"
+METRICS = b"M"
+KINDS = frozenset((QUEUED, QUEUED_WITH_BODY, LOG_EVENT, METRICS))
+
+# Larger than any frame an acceptor writes (a body travels only up to the queue's warm limit,
+# 256 KiB; a log event is cut at MAX_LOG_EVENT): a longer length is a broken stream.
+MAX_FRAME = 4 * 1024 * 1024
+MAX_LOG_EVENT = 256 * 1024
+
+_HEADER = struct.Struct(">cI")
+_LENGTH = struct.Struct(">I")
+
+
+class FrameError(Exception):
+    """The stream is not frames (an unknown kind, an impossible length, a bad payload)."""
+
+
+def frame(kind: bytes, payload: bytes) -> bytes:
+    return _HEADER.pack(kind, len(payload)) + payload
+
+
+def queued_frame(envelope: Envelope, body: bytes | None) -> bytes:
+    envelope_json = envelope.to_json()
+    if body is None:
+        return frame(QUEUED, envelope_json)
+    return frame(QUEUED_WITH_BODY, _LENGTH.pack(len(envelope_json)) + envelope_json + body)
+
+
+@attrs.frozen
+class Queued:
+    envelope: Envelope
+    body: bytes | None
+
+
+def decode_queued(kind: bytes, payload: bytes) -> Queued:
+    try:
+        if kind == QUEUED:
+            return Queued(Envelope.from_json(payload), None)
+        (length,) = _LENGTH.unpack_from(payload)
+        end = _LENGTH.size + length
+        if end > len(payload):
+            raise FrameError("envelope longer than its frame")
+        return Queued(Envelope.from_json(payload[_LENGTH.size : end]), payload[end:])
+    except FrameError:
+        raise
+    except Exception as e:  # a bad envelope is a broken stream, whatever the parser raised
+        raise FrameError(f"bad queued frame: {e}") from None
+
+
+class FrameReader:
+    """Cuts a byte stream into (kind, payload) frames, whatever the read boundaries."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[tuple[bytes, bytes]]:
+        self._buffer += data
+        buffer = self._buffer
+        pos = 0
+        try:
+            while len(buffer) - pos >= _HEADER.size:
+                kind, length = _HEADER.unpack_from(buffer, pos)
+                if kind not in KINDS:
+                    raise FrameError(f"unknown frame kind {kind!r}")
+                if length > MAX_FRAME:
+                    raise FrameError(f"frame of {length} octets (at most {MAX_FRAME})")
+                end = pos + _HEADER.size + length
+                if end > len(buffer):
+                    break
+                yield kind, bytes(buffer[pos + _HEADER.size : end])
+                pos = end
+        finally:
+            del buffer[:pos]
+
+    @property
+    def pending(self) -> int:
+        """Octets of a frame not complete yet (a stream that ends here was cut)."""
+        return len(self._buffer)

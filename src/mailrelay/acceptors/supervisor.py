@@ -1,0 +1,298 @@
+"""The relay process's side of its acceptor processes (see the package docstring).
+
+Starts ``smtp.processes - 1`` acceptors once the SMTP listeners listen, handing each the
+listening sockets; enqueues what they report, re-emits their log events, keeps their metrics;
+restarts one that exits (after a pause that grows while it keeps dying young) and then rescans
+queue/ for a message it made durable but could not report; stops them all (SIGTERM, then
+SIGKILL after ``stop_timeout``) before the queue stops, so every report is in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
+
+from mailrelay.acceptors.channel import (
+    LOG_EVENT,
+    METRICS,
+    QUEUED,
+    QUEUED_WITH_BODY,
+    FrameError,
+    FrameReader,
+    decode_queued,
+)
+from mailrelay.acceptors.samples import RemoteSamples
+from mailrelay.acceptors.worker import AcceptorSettings, InheritedListener
+from mailrelay.config import LimitsConfig, SMTPConfig, SpoolConfig
+from mailrelay.inbound.listeners import Listening
+from mailrelay.metrics import Metrics
+from mailrelay.spool.format import Envelope
+
+log = Logger(namespace="mailrelay.acceptors")
+
+FIRST_RESTART_DELAY = 1.0
+MAX_RESTART_DELAY = 60.0
+# An acceptor that lived this long is not crash-looping: its next restart is quick again.
+STABLE_AFTER = 30.0
+STOP_TIMEOUT = 30.0
+_STDERR_LINE_MAX = 4096
+_FIRST_FD = 3  # the acceptor's listening sockets: 3, 4, ...
+
+
+def _family(listening: Listening) -> str:
+    family = listening.port.socket.family  # type: ignore[attr-defined]  # tcp/unix Port
+    return {2: "inet", 10: "inet6", 1: "unix"}[int(family)]
+
+
+class _AcceptorProcess(protocol.ProcessProtocol):
+    def __init__(self, supervisor: AcceptorSupervisor, index: int, started_at: float) -> None:
+        self._supervisor = supervisor
+        self.index = index
+        self.started_at = started_at
+        self._frames = FrameReader()
+        self._stderr = b""
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self.pid: int | None = None
+
+    def connectionMade(self) -> None:
+        # stdin stays open and unused: its end of file (this process gone) stops the acceptor.
+        self.pid = getattr(self.transport, "pid", None)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == 2:
+            self._stderr_received(data)
+            return
+        try:
+            for kind, payload in self._frames.feed(data):
+                self._supervisor.frame_received(self.index, kind, payload)
+        except FrameError as e:
+            log.error(
+                "acceptor {index} sent a broken stream ({why}): stopping it",
+                index=self.index,
+                why=str(e),
+            )
+            self.kill()
+
+    def _stderr_received(self, data: bytes) -> None:
+        # A traceback or a message from the interpreter itself (ours go through frames).
+        self._stderr += data
+        *lines, self._stderr = self._stderr.split(b"\n")
+        if len(self._stderr) > _STDERR_LINE_MAX:
+            lines.append(self._stderr)
+            self._stderr = b""
+        for line in lines:
+            if line.strip():
+                log.warn(
+                    "acceptor {index}: {line}",
+                    index=self.index,
+                    line=line[:_STDERR_LINE_MAX].decode("utf-8", "replace"),
+                )
+
+    def kill(self) -> None:
+        with contextlib.suppress(error.ProcessExitedAlready, AttributeError):
+            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
+
+    def terminate(self) -> None:
+        with contextlib.suppress(error.ProcessExitedAlready, AttributeError):
+            self.transport.signalProcess("TERM")  # type: ignore[union-attr]
+
+    def processEnded(self, reason: Failure) -> None:
+        if self._stderr.strip():
+            self._stderr_received(b"\n")
+        self._supervisor.acceptor_ended(self, reason)
+        self.ended.callback(None)
+
+
+class AcceptorSupervisor(service.Service):
+    def __init__(
+        self,
+        reactor: Any,
+        ports: defer.Deferred[list[Listening]],
+        smtp: SMTPConfig,
+        limits: LimitsConfig,
+        spool: SpoolConfig,
+        enqueue: Callable[[Envelope, bytes | None], None],
+        rescan: Callable[[], defer.Deferred[int]],
+        metrics: Metrics,
+        remote: RemoteSamples,
+        stop_timeout: float = STOP_TIMEOUT,
+        spawn: Callable[..., Any] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._count = smtp.processes
+        self._ports = ports
+        self._smtp = smtp
+        self._limits = limits
+        self._spool = attrs.evolve(spool, path=os.path.abspath(spool.path))
+        self._enqueue = enqueue
+        self._rescan = rescan
+        self._metrics = metrics
+        self._remote = remote
+        self._stop_timeout = stop_timeout
+        self._spawn = spawn if spawn is not None else reactor.spawnProcess
+        self._listening: list[Listening] = []
+        self._running: dict[int, _AcceptorProcess] = {}
+        self._restart_delay: dict[int, float] = {}
+        self._restarts: dict[int, IDelayedCall] = {}
+        self._stopping = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._ports.addCallback(self._start_all)
+        self._ports.addErrback(lambda f: log.failure("starting the acceptor processes", f))
+
+    def _start_all(self, listening: list[Listening]) -> list[Listening]:
+        self._listening = listening
+        if not self._stopping:
+            for index in range(1, self._count):
+                self._start(index)
+        return listening
+
+    def _start(self, index: int) -> None:
+        self._restarts.pop(index, None)
+        if self._stopping:
+            return
+        listeners = [
+            InheritedListener(_FIRST_FD + i, _family(x), x.proxied)
+            for i, x in enumerate(self._listening)
+        ]
+        child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        for listener, listening in zip(listeners, self._listening, strict=True):
+            child_fds[listener.fd] = listening.port.fileno()  # type: ignore[attr-defined]
+        argv = AcceptorSettings(
+            index, self._smtp, self._limits, self._spool, tuple(listeners)
+        ).command_line()
+        process = _AcceptorProcess(self, index, self._reactor.seconds())
+        try:
+            self._spawn(
+                process, argv[0], argv, env=dict(os.environ), path=os.getcwd(), childFDs=child_fds
+            )
+        except Exception as e:  # fork or exec refused (EAGAIN, ENOMEM): try again later
+            self._metrics.acceptor_restarts.inc()
+            delay = self._next_delay(index, lived=0.0)
+            log.error(
+                "cannot start acceptor {index} ({why}): trying again in {delay:.0f}s",
+                index=index,
+                why=str(e) or type(e).__name__,
+                delay=delay,
+            )
+            self._restarts[index] = self._reactor.callLater(delay, self._start, index)
+            return
+        self._running[index] = process
+        log.info("acceptor {index} started (pid {pid})", index=index, pid=process.pid)
+
+    def _next_delay(self, index: int, lived: float) -> float:
+        """The pause before restarting acceptor ``index``: doubling while it dies young."""
+        delay = self._restart_delay.get(index, FIRST_RESTART_DELAY)
+        if lived >= STABLE_AFTER:
+            delay = FIRST_RESTART_DELAY
+        self._restart_delay[index] = min(delay * 2, MAX_RESTART_DELAY)
+        return delay
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        self._stopping = True
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        return defer.Deferred.fromCoroutine(self._stop_all())
+
+    async def _stop_all(self) -> None:
+        processes = list(self._running.values())
+        for process in processes:
+            process.terminate()
+        if not processes:
+            return
+        ended = defer.DeferredList([p.ended for p in processes])
+        timer = self._reactor.callLater(self._stop_timeout, self._kill_left)
+        await ended
+        if timer.active():
+            timer.cancel()
+
+    def _kill_left(self) -> None:
+        for process in list(self._running.values()):
+            log.warn(
+                "acceptor {index} still running {timeout}s after SIGTERM: killing it",
+                index=process.index,
+                timeout=self._stop_timeout,
+            )
+            process.kill()
+
+    # -- from the acceptors -----------------------------------------------------------------
+
+    def frame_received(self, index: int, kind: bytes, payload: bytes) -> None:
+        if kind in (QUEUED, QUEUED_WITH_BODY):
+            queued = decode_queued(kind, payload)
+            self._enqueue(queued.envelope, queued.body)
+        elif kind == LOG_EVENT:
+            self._republish(index, payload)
+        elif kind == METRICS:
+            try:
+                self._remote.update(index, payload)
+            except (ValueError, RecursionError) as e:
+                raise FrameError(str(e)) from None
+
+    def _republish(self, index: int, payload: bytes) -> None:
+        try:
+            event = json.loads(payload)
+            if not isinstance(event, dict) or not isinstance(event.get("log_text"), str):
+                raise ValueError("not an event")
+            level = LogLevel.levelWithName(str(event.get("log_level", "info")))
+            when = float(event.get("log_time", self._reactor.seconds()))
+        except (ValueError, TypeError, RecursionError, InvalidLogLevelError) as e:
+            raise FrameError(f"bad log event: {e}") from None
+        event.update(
+            log_format="{log_text}",
+            log_level=level,
+            log_time=when,
+            log_namespace=str(event.get("log_namespace") or "mailrelay.acceptor"),
+            acceptor=index,
+        )
+        globalLogPublisher(event)
+
+    def acceptor_ended(self, process: _AcceptorProcess, reason: Failure) -> None:
+        index = process.index
+        if self._running.get(index) is process:
+            del self._running[index]
+        self._remote.retire(index)
+        if self._stopping:
+            if not reason.check(error.ProcessDone):
+                log.warn(
+                    "acceptor {index} stopped: {why}", index=index, why=reason.getErrorMessage()
+                )
+            return
+        lived = self._reactor.seconds() - process.started_at
+        delay = self._next_delay(index, lived)
+        self._metrics.acceptor_restarts.inc()
+        log.error(
+            "acceptor {index} exited ({why}) after {lived:.1f}s: restarting it in {delay:.0f}s",
+            index=index,
+            why=reason.getErrorMessage(),
+            lived=lived,
+            delay=delay,
+        )
+        # It may have made a message durable and died before reporting it.
+        d = self._rescan()
+        d.addErrback(
+            lambda f: log.failure("rescan of queue/ after acceptor {index} exited", f, index=index)
+        )
+        self._restarts[index] = self._reactor.callLater(delay, self._start, index)
+
+    @property
+    def pids(self) -> dict[int, int | None]:
+        """Acceptor index -> pid of the running ones (for tests and the log)."""
+        return {index: p.pid for index, p in self._running.items()}

@@ -1,0 +1,164 @@
+"""The frames on an acceptor's pipe: cut right whatever the read boundaries; anything that is
+not a frame (an unknown kind, an impossible length, a bad queued payload) is a FrameError."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from mailrelay.acceptors.channel import (
+    LOG_EVENT,
+    MAX_FRAME,
+    METRICS,
+    QUEUED,
+    QUEUED_WITH_BODY,
+    FrameError,
+    FrameReader,
+    decode_queued,
+    frame,
+    queued_frame,
+)
+from mailrelay.spool.format import Envelope
+
+ENVELOPE = Envelope(
+    queue_id="0000000000000100000001",
+    sender="app@example.test",
+    recipients=("a@example.test", "b@example.test"),
+    received_at=1234.5,
+    client="127.0.0.1",
+    helo="client.test",
+    body_8bit=True,
+)
+BODY = b"Subject: hi\r\n\r\nbody with \x00 and \xff octets\r\n"
+
+
+def test_several_frames_in_one_chunk_come_out_in_order() -> None:
+    stream = frame(LOG_EVENT, b'{"a":1}') + frame(METRICS, b"") + frame(QUEUED, b"x" * 300)
+    reader = FrameReader()
+    assert list(reader.feed(stream)) == [
+        (LOG_EVENT, b'{"a":1}'),
+        (METRICS, b""),
+        (QUEUED, b"x" * 300),
+    ]
+    assert reader.pending == 0
+
+
+def test_frames_fed_one_octet_at_a_time_come_out_whole() -> None:
+    frames = [(METRICS, b"[]"), (LOG_EVENT, b"event " * 50), (QUEUED_WITH_BODY, b"\x00" * 9)]
+    stream = b"".join(frame(kind, payload) for kind, payload in frames)
+    reader = FrameReader()
+    out: list[tuple[bytes, bytes]] = []
+    completed_at: list[int] = []
+    for i in range(len(stream)):
+        got = list(reader.feed(stream[i : i + 1]))
+        if got:
+            completed_at.append(i)
+        out += got
+    assert out == frames
+    # Each frame comes out on its own last octet, not before.
+    ends = []
+    offset = 0
+    for _, payload in frames:
+        offset += 5 + len(payload)
+        ends.append(offset - 1)
+    assert completed_at == ends
+    assert reader.pending == 0
+
+
+def test_pending_counts_the_octets_of_a_cut_frame() -> None:
+    data = frame(LOG_EVENT, b"0123456789")
+    reader = FrameReader()
+    assert list(reader.feed(frame(METRICS, b"[]") + data[:7])) == [(METRICS, b"[]")]
+    assert reader.pending == 7  # the header and 2 octets of the payload: cut here
+    assert list(reader.feed(data[7:])) == [(LOG_EVENT, b"0123456789")]
+    assert reader.pending == 0
+
+
+def test_a_cut_header_is_pending_too() -> None:
+    reader = FrameReader()
+    assert list(reader.feed(b"L\x00\x00")) == []
+    assert reader.pending == 3
+
+
+@pytest.mark.parametrize("kind", [b"X", b"q", b"\x00", b"{"])
+def test_an_unknown_kind_is_a_broken_stream(kind: bytes) -> None:
+    reader = FrameReader()
+    with pytest.raises(FrameError, match="unknown frame kind"):
+        list(reader.feed(kind + struct.pack(">I", 2) + b"{}"))
+
+
+def test_an_unknown_kind_after_good_frames_yields_those_first() -> None:
+    reader = FrameReader()
+    got: list[tuple[bytes, bytes]] = []
+    with pytest.raises(FrameError):
+        for item in reader.feed(frame(METRICS, b"[]") + b"Z\x00\x00\x00\x00"):
+            got.append(item)
+    assert got == [(METRICS, b"[]")]
+
+
+def test_a_length_over_max_frame_is_a_broken_stream_at_once() -> None:
+    reader = FrameReader()
+    # Only the header: the reader must not wait for (and buffer) 4 MiB more.
+    with pytest.raises(FrameError, match="octets"):
+        list(reader.feed(LOG_EVENT + struct.pack(">I", MAX_FRAME + 1)))
+
+
+def test_a_length_of_exactly_max_frame_is_accepted() -> None:
+    reader = FrameReader()
+    payload = b"m" * MAX_FRAME
+    assert list(reader.feed(frame(METRICS, payload))) == [(METRICS, payload)]
+
+
+def test_queued_frame_with_body_round_trips() -> None:
+    data = queued_frame(ENVELOPE, BODY)
+    [(kind, payload)] = list(FrameReader().feed(data))
+    assert kind == QUEUED_WITH_BODY
+    queued = decode_queued(kind, payload)
+    assert queued.envelope == ENVELOPE
+    assert queued.body == BODY
+
+
+def test_queued_frame_with_an_empty_body_keeps_it_empty_not_none() -> None:
+    [(kind, payload)] = list(FrameReader().feed(queued_frame(ENVELOPE, b"")))
+    assert kind == QUEUED_WITH_BODY
+    assert decode_queued(kind, payload).body == b""
+
+
+def test_queued_frame_without_body_round_trips() -> None:
+    data = queued_frame(ENVELOPE, None)
+    [(kind, payload)] = list(FrameReader().feed(data))
+    assert kind == QUEUED
+    queued = decode_queued(kind, payload)
+    assert queued.envelope == ENVELOPE
+    assert queued.body is None
+
+
+def test_an_envelope_length_past_the_payload_is_a_frame_error() -> None:
+    envelope_json = ENVELOPE.to_json()
+    payload = struct.pack(">I", len(envelope_json) + 1) + envelope_json
+    with pytest.raises(FrameError, match="envelope longer than its frame"):
+        decode_queued(QUEUED_WITH_BODY, payload)
+
+
+def test_a_with_body_payload_too_short_for_its_length_is_a_frame_error() -> None:
+    with pytest.raises(FrameError):
+        decode_queued(QUEUED_WITH_BODY, b"\x00\x00")
+
+
+@pytest.mark.parametrize(
+    "envelope_json",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"queue_id": "x"}',  # fields missing
+        b'{"queue_id":"x","sender":"s","recipients":[],"received_at":"nan","client":"c",'
+        b'"helo":"h"}',
+    ],
+)
+def test_a_bad_envelope_is_a_frame_error(envelope_json: bytes) -> None:
+    with pytest.raises(FrameError, match="bad queued frame"):
+        decode_queued(QUEUED, envelope_json)
+    with_body = struct.pack(">I", len(envelope_json)) + envelope_json + b"body"
+    with pytest.raises(FrameError, match="bad queued frame"):
+        decode_queued(QUEUED_WITH_BODY, with_body)
