@@ -24,7 +24,7 @@ from twisted.mail import smtp
 from mailrelay.config import SMTPConfig
 from mailrelay.diskspace import CACHE_SECONDS, FreeSpace
 from mailrelay.inbound.delivery import RelayDelivery, Transaction
-from mailrelay.inbound.protocol import CLOSE_GRACE, RelayESMTP
+from mailrelay.inbound.protocol import CLOSE_GRACE, HELD_INPUT_MAX, RelayESMTP
 from mailrelay.spool.store import MessageWriter, Spool, SpoolWriteError
 
 from .helpers_inbound import (
@@ -379,7 +379,8 @@ def test_mail_after_the_dot_waits_for_the_fsync_and_is_answered_after_it(
     s.start_data()
     s.send(b"hello\r\n.\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\n")
     assert s.replies() == []  # neither the message nor the MAIL is answered yet
-    assert s.transport.producerState == "paused"
+    # (held unprocessed; reading pauses only past HELD_INPUT_MAX)
+    assert s.proto._buffer == b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\n"
     assert s.queue_files() == []
     assert len(runner.pending) == 1
 
@@ -400,7 +401,6 @@ def test_quit_after_the_dot_closes_only_after_the_message_is_acknowledged(
     s.send(b"hello\r\n.\r\nQUIT\r\n")
     assert s.replies() == []
     assert not s.closed
-    assert s.transport.producerState == "paused"
 
     runner.complete()
     replies = s.replies()
@@ -422,6 +422,29 @@ def test_input_arriving_while_paused_is_processed_in_order_after_the_fsync(
     assert s.replies() == []
     runner.complete()
     assert s.codes() == ["250 2.0.0", "250 2.0.0", "250 2.0.0"]
+    assert s.transport.producerState == "producing"
+
+
+def test_a_flood_while_the_commit_is_pending_pauses_reading_at_the_limit(
+    session: SessionMaker,
+) -> None:
+    """Input is held, not read without end, while the 250 is owed: past HELD_INPUT_MAX the
+    transport stops reading; after the reply everything held is answered in order."""
+    runner = ManualRunner()
+    s = session(runner=runner)
+    s.start_data()
+    s.send(b"hello\r\n.\r\n")
+    noops = b"NOOP\r\n" * (HELD_INPUT_MAX // 6 - 10)
+    s.send(noops)
+    assert s.transport.producerState == "producing"  # under the limit: still reading
+    s.send(b"NOOP\r\n" * 20)
+    assert s.transport.producerState == "paused"
+    assert s.replies() == []
+
+    runner.complete()
+    codes = s.codes()
+    assert codes[0] == "250 2.0.0"  # the message first
+    assert len(codes) == 1 + noops.count(b"NOOP") + 20
     assert s.transport.producerState == "producing"
 
 
@@ -592,7 +615,7 @@ def test_client_that_never_reads_cannot_grow_the_send_buffer(
     assert transport.producerState == "producing"
 
 
-def test_reading_stays_paused_while_a_commit_is_pending_even_if_output_resumes(
+def test_input_stays_held_while_a_commit_is_pending_even_if_output_resumes(
     session: SessionMaker,
 ) -> None:
     runner = ManualRunner()
@@ -601,7 +624,6 @@ def test_reading_stays_paused_while_a_commit_is_pending_even_if_output_resumes(
     s.send(b"hello\r\n.\r\nNOOP\r\n")
     s.proto.pauseProducing()
     s.proto.resumeProducing()  # output may flow again, but the 250 is still owed
-    assert s.transport.producerState == "paused"
     assert s.replies() == []
 
     runner.complete()

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from mailrelay.clock import InjectedClockTimeouts
 from mailrelay.config import ProviderConfig
 from mailrelay.netaddr import is_local_peer, is_loopback_host
+from mailrelay.netwrite import write_now
 from mailrelay.outbound.auth import AUTH_MECHANISMS, Responder, auth_exchange
 from mailrelay.outbound.idle import IdleSteps
 from mailrelay.outbound.results import FailureClass
@@ -282,7 +283,7 @@ class RelayClient(TransactionSteps, IdleSteps, InjectedClockTimeouts, smtp.ESMTP
         self._expected = ANY_REPLY
         self._okresponse = self._failresponse = self._auth_reply
         self.setTimeout(self.provider.command_timeout)
-        self._transport.write(line + b"\r\n")
+        write_now(self._transport, line + b"\r\n")
 
     def _auth_reply(self, code: int, resp: bytes) -> None:
         if code == 235:

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 from twisted.internet.interfaces import IPullProducer
 from zope.interface import implementer
 
+from mailrelay.netwrite import write_now
+
 _ANY_LINE_END = re.compile(rb"\r\n|\r|\n")
 _LINE_STARTING_WITH_DOT = re.compile(rb"^\.", re.MULTILINE)
 
@@ -113,7 +115,7 @@ def send_data_payload(
     """The payload to ``transport``: one write (``on_sent`` at once, None returned), or pieces
     through the returned producer (``on_sent`` when its final dot is written)."""
     if len(body) <= ONE_WRITE_LIMIT:
-        transport.write(build_data_payload(body))
+        write_now(transport, build_data_payload(body))
         on_sent()
         return None
     producer = PayloadProducer(transport, data_payload_pieces(body), on_sent)

@@ -22,6 +22,7 @@ from typing import Literal
 
 from twisted.internet import defer
 
+from mailrelay.netwrite import write_now
 from mailrelay.outbound.payload import PayloadProducer, send_data_payload
 from mailrelay.outbound.replies import ReplyReader
 from mailrelay.outbound.results import (
@@ -135,7 +136,7 @@ class TransactionSteps(ReplyReader):
         self.setTimeout(self.provider.command_timeout)
         if b"PIPELINING" in self._extensions:
             transaction.expecting.extend(what for _, what in commands)
-            self._transport.write(b"".join(line + b"\r\n" for line, _ in commands))
+            write_now(self._transport, b"".join(line + b"\r\n" for line, _ in commands))
         else:
             transaction.unsent.extend(commands)
             self._send_next_command(transaction)
@@ -147,7 +148,7 @@ class TransactionSteps(ReplyReader):
         if what[0] == "DATA":
             # As in the pipelined case: the wait for the 354 is the DATA stage's.
             self.setTimeout(self.provider.data_timeout)
-        self._transport.write(line + b"\r\n")
+        write_now(self._transport, line + b"\r\n")
 
     def _transaction_reply(self, code: int, resp: bytes) -> None:
         transaction = self._transaction
@@ -301,7 +302,7 @@ class TransactionSteps(ReplyReader):
             self._expected = ANY_REPLY
             self._okresponse = self._failresponse = self._after_reset
             self.setTimeout(self.provider.command_timeout)
-            self._transport.write(b"RSET\r\n")
+            write_now(self._transport, b"RSET\r\n")
         elif then == "quit":
             self.quit()  # before the results: whoever hears them sees a client going away
         else:
