@@ -8,8 +8,8 @@ sends straight away when nothing is waiting in the transport's buffer and the so
 all; otherwise (buffered data, a partial send, TLS, any other transport) it is the transport's
 own write, so the order of the bytes and the transport's flow control stay as they were.
 
-It reads three attributes of Twisted's TCP connection that are not public API
-(``dataBuffer``, ``_tempDataBuffer``, ``_writeDisconnected``); tests/unit/test_netwrite.py
+It reads four attributes of Twisted's TCP connection that are not public API (``dataBuffer``,
+``_tempDataBuffer``, ``_writeDisconnected``, ``_aborting``); tests/integration/test_netwrite.py
 checks them against the installed Twisted.
 """
 
@@ -29,6 +29,7 @@ def write_now(transport: Any, data: bytes) -> None:
         and transport.connected
         and not transport.disconnecting
         and not transport._writeDisconnected
+        and not transport._aborting
         and not transport.dataBuffer
         and not transport._tempDataBuffer
     ):

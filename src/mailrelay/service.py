@@ -431,7 +431,8 @@ def buildService(
             config.limits,
             config.spool,
             queue.enqueue,
-            lambda: defer.Deferred.fromCoroutine(queue.adopt_unindexed()),
+            queue.enqueue_id,
+            lambda min_age: defer.Deferred.fromCoroutine(queue.adopt_unindexed(min_age)),
             metrics,
             remote,
         ).setServiceParent(top)

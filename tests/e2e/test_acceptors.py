@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import smtplib
+import socket
+import stat
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -204,6 +206,13 @@ def test_acceptor_process_accepts_is_restarted_and_stops_with_the_relay(tmp_path
                 what=f"mailrelay_messages_received_total == {total + 2}",
             )
 
+            # A SIGTERM of its own (say, to the whole process group) is the relay's to act on:
+            # the acceptor stays and keeps accepting (review: it died during the drain time).
+            os.kill(second, signal.SIGTERM)
+            sent_by_the_acceptor_alone(relay, "after-term")
+            assert alive(second) and acceptor_pids(relay) == [first, second]
+            upstream.wait_for_messages(total + 3, timeout=20)
+
             # (c) SIGTERM the relay: it exits cleanly and takes its acceptor with it.
             relay._proc.send_signal(signal.SIGTERM)
             # twistd ends a clean stop by re-raising the signal it got.
@@ -218,3 +227,28 @@ def test_acceptor_process_accepts_is_restarted_and_stops_with_the_relay(tmp_path
             ]
             assert stops == []
         assert "Server Shut Down." in relay.log_path.read_text()
+
+
+def test_a_unix_listener_keeps_its_mode_and_its_file_with_acceptors(tmp_path: Path) -> None:
+    """Acceptors share TCP listeners only: Twisted's UNIX port, adopted, made a mode=600
+    socket 666, and unlinked it when the acceptor exited (review)."""
+    smtp_port, http_port = free_port(), free_port()
+    sock = tmp_path / "smtp.sock"
+    text = relay_config(tmp_path / "spool", smtp_port, http_port, None, {"processes": 2})
+    text = text.replace(
+        f'listen = ["tcp:{smtp_port}:interface=127.0.0.1"]',
+        f'listen = ["tcp:{smtp_port}:interface=127.0.0.1", "unix:{sock}:mode=600"]',
+    )
+    relay = RelayProcess(tmp_path, text, smtp_port, http_port, extra_args=("--log-format", "json"))
+    with relay:
+        wait_until(lambda: acceptor_pids(relay), 10, what="acceptor 1 started")
+        [first] = acceptor_pids(relay)
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: len(acceptor_pids(relay)) == 2, 10, what="a new acceptor 1")
+        wait_until(lambda: alive(acceptor_pids(relay)[1]), 5, what="the new acceptor running")
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(10)
+            client.connect(str(sock))
+            assert client.recv(100).startswith(b"220 ")

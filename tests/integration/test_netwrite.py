@@ -116,5 +116,5 @@ class WriteNowTests(unittest.TestCase):
     async def test_the_twisted_internals_it_reads_exist(self) -> None:
         # If Twisted renames these, write_now must be revisited (see its module docstring).
         transport, _ = await self._connected()
-        for name in ("dataBuffer", "_tempDataBuffer", "_writeDisconnected", "TLS"):
+        for name in ("dataBuffer", "_tempDataBuffer", "_writeDisconnected", "_aborting", "TLS"):
             assert hasattr(transport, name), name

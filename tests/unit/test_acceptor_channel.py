@@ -5,24 +5,30 @@ from __future__ import annotations
 
 import struct
 
+import attrs
 import pytest
 
 from mailrelay.acceptors.channel import (
     LOG_EVENT,
+    MAX_BODY,
     MAX_FRAME,
     METRICS,
     QUEUED,
+    QUEUED_ID,
     QUEUED_WITH_BODY,
     FrameError,
     FrameReader,
+    Queued,
     decode_queued,
+    decode_queued_id,
     frame,
     queued_frame,
 )
+from mailrelay.queue import WARM_MAX_BODY
 from mailrelay.spool.format import Envelope
 
 ENVELOPE = Envelope(
-    queue_id="0000000000000100000001",
+    queue_id="0000000000000100000001",  # (a queue ID: 22 upper-case hex digits)
     sender="app@example.test",
     recipients=("a@example.test", "b@example.test"),
     received_at=1234.5,
@@ -162,3 +168,30 @@ def test_a_bad_envelope_is_a_frame_error(envelope_json: bytes) -> None:
     with_body = struct.pack(">I", len(envelope_json)) + envelope_json + b"body"
     with pytest.raises(FrameError, match="bad queued frame"):
         decode_queued(QUEUED_WITH_BODY, with_body)
+
+
+def test_a_body_larger_than_the_queue_keeps_in_memory_travels_without_it() -> None:
+    assert MAX_BODY == WARM_MAX_BODY  # the relay would read a larger one from the spool anyway
+    big = b"x" * (MAX_BODY + 1)
+    [(kind, payload)] = list(FrameReader().feed(queued_frame(ENVELOPE, big)))
+    assert kind == QUEUED
+    assert decode_queued(kind, payload) == Queued(ENVELOPE, None)
+
+
+def test_an_envelope_too_large_for_a_frame_travels_by_queue_id() -> None:
+    """Tens of thousands of recipients (smtp.max_recipients has no cap): a frame over MAX_FRAME
+    would read as a broken stream and get the acceptor killed (review)."""
+    many = attrs.evolve(
+        ENVELOPE, recipients=tuple(f"{'r' * 200}{i}@example.com" for i in range(6000))
+    )
+    data = queued_frame(many, b"body")
+    assert len(data) < 64
+    [(kind, payload)] = list(FrameReader().feed(data))
+    assert kind == QUEUED_ID
+    assert decode_queued_id(payload) == ENVELOPE.queue_id
+
+
+@pytest.mark.parametrize("payload", [b"", b"../../etc/passwd", b"0661425e4a11f2c3d4e5f6"])
+def test_a_bad_queue_id_is_a_frame_error(payload: bytes) -> None:
+    with pytest.raises(FrameError):
+        decode_queued_id(payload)

@@ -24,7 +24,12 @@ from twisted.mail import smtp
 from mailrelay.config import SMTPConfig
 from mailrelay.diskspace import CACHE_SECONDS, FreeSpace
 from mailrelay.inbound.delivery import RelayDelivery, Transaction
-from mailrelay.inbound.protocol import CLOSE_GRACE, HELD_INPUT_MAX, RelayESMTP
+from mailrelay.inbound.protocol import (
+    CLOSE_GRACE,
+    HELD_INPUT_MAX,
+    REPLY_BATCH_MAX,
+    RelayESMTP,
+)
 from mailrelay.spool.store import MessageWriter, Spool, SpoolWriteError
 
 from .helpers_inbound import (
@@ -600,7 +605,9 @@ def test_client_that_never_reads_cannot_grow_the_send_buffer(
     s = session(transport=transport)
     s.send(b"HELP\r\n" * 1000)
     answered = len(s.replies())
-    assert 0 < answered < 10
+    # The replies to one read go out together, REPLY_BATCH_MAX octets at most at a time.
+    help_reply = len(b"214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT\r\n")
+    assert 0 < answered < REPLY_BATCH_MAX // help_reply + 2
     assert transport.producerState == "paused"  # and reading is paused too
     assert s.proto._buffer == b"HELP\r\n" * (1000 - answered)  # the rest kept, unparsed
 
@@ -610,7 +617,8 @@ def test_client_that_never_reads_cannot_grow_the_send_buffer(
         transport.drain()
         answered += len(s.replies())
     assert answered == 1000
-    assert transport.most_unsent < 200 + 100  # never more than one reply past the limit
+    # never more than one batch of replies past the limit
+    assert transport.most_unsent < 200 + REPLY_BATCH_MAX + 100
     transport.drain()
     assert transport.producerState == "producing"
 
@@ -1415,3 +1423,53 @@ def test_greet_pause_holds_the_banner_and_refuses_talk_before_it(tmp_path: Path)
     assert early.closed
     early.clock.advance(2.0)
     assert early.replies() == []  # no banner after the refusal
+
+
+class _WriteCounter(SmallBufferTransport):
+    def __init__(self) -> None:
+        super().__init__(limit=1 << 30, peerAddress=LOCAL_V4)
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+def test_the_replies_to_one_read_of_pipelined_commands_leave_in_one_write(
+    session: SessionMaker,
+) -> None:
+    """One write, not one per reply: with replies sent at once (netwrite), a second small send
+    behind an unacknowledged one waited ~40 ms for the client's delayed ACK (review)."""
+    transport = _WriteCounter()
+    runner = ManualRunner()
+    s = session(transport=transport, runner=runner)
+    s.send(b"EHLO client.test\r\n")
+    transport.writes.clear()
+    s.send(b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nRCPT TO:<g@h.i>\r\nDATA\r\n")
+    assert len(transport.writes) == 1
+    assert transport.writes[0].count(b"\r\n") == 4
+    # The commit's 250 is written when the fsync is done, whatever else is buffered: at once.
+    transport.writes.clear()
+    s.send(b"hello\r\n.\r\n")
+    assert transport.writes == []
+    runner.complete()
+    assert len(transport.writes) == 1 and transport.writes[0].startswith(b"250 2.0.0 Ok")
+
+
+def test_inbound_sessions_turn_nagle_off(tmp_path: Path) -> None:
+    from twisted.internet.interfaces import ITCPTransport
+    from zope.interface import implementer
+
+    @implementer(ITCPTransport)
+    class TCPish(StringTransport):
+        nodelay = False
+
+        def setTcpNoDelay(self, enabled: bool) -> None:
+            self.nodelay = enabled
+
+    factory = make_factory(tmp_path, smtp_config())
+    proto = factory.buildProtocol(LOCAL_V4)
+    assert isinstance(proto, RelayESMTP)
+    transport = TCPish(peerAddress=LOCAL_V4)
+    proto.makeConnection(transport)
+    assert transport.nodelay

@@ -4,6 +4,7 @@ ignored."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from twisted.internet import defer
@@ -147,3 +148,47 @@ def test_a_message_written_with_a_later_next_attempt_is_adopted_as_deferred(
     assert w.providers[0].delivered == []
     w.clock.advance(0.1)
     assert [m.queue_id for m in w.providers[0].delivered] == [qid(1)]
+
+
+def test_a_report_after_the_adopted_message_was_delivered_does_not_send_it_again(
+    tmp_path: Path,
+) -> None:
+    """A live process's report can come after a rescan found, delivered and removed its
+    message: the queue remembers IDs that left it (review: delivered twice)."""
+    w = World(tmp_path)
+    w.start()
+    queue_id = write_behind_the_queues_back(w, 2)
+    assert result_of(adopt(w)) == 1
+    assert w.queued() == []  # delivered and gone
+    env = envelope(queue_id, received_at=w.clock.seconds())
+    w.queue.enqueue(env, OTHER_BODY)  # the late report, with its body
+    w.queue.enqueue_id(queue_id)  # and by ID
+    w.clock.advance(0)
+    assert [m.queue_id for m in w.providers[0].delivered] == [queue_id]
+
+
+def test_enqueue_id_queues_a_message_known_by_its_id_alone(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    w.start()
+    queue_id = write_behind_the_queues_back(w, 3)
+    w.queue.enqueue_id(queue_id)
+    w.queue.enqueue_id(queue_id)  # twice: once
+    w.clock.advance(0)
+    sent = w.providers[0].delivered
+    assert [m.queue_id for m in sent] == [queue_id]
+    assert sent[0].body == OTHER_BODY
+
+
+def test_the_rescan_leaves_a_file_younger_than_min_age_to_its_report(tmp_path: Path) -> None:
+    """A file another process is committing right now (its report, or its 451, is on the
+    way) is not taken: only files that reached queue/ min_age seconds ago or more."""
+    w = World(tmp_path)
+    w.start()
+    w.clock.advance(time.time() - w.clock.seconds())  # the spool's ctimes are wall time
+    queue_id = write_behind_the_queues_back(w, 4)
+    young = defer.Deferred.fromCoroutine(w.queue.adopt_unindexed(min_age=60))
+    assert result_of(young) == 0
+    assert w.queued() == [queue_id]
+    w.clock.advance(61)
+    old = defer.Deferred.fromCoroutine(w.queue.adopt_unindexed(min_age=60))
+    assert result_of(old) == 1

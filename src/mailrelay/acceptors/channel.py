@@ -6,6 +6,8 @@ A frame is one kind octet, a 4-octet big-endian payload length, then the payload
         reads the body from the spool at the first attempt
     W   the same with the body, for the first attempt to use without a spool read: a 4-octet
         envelope length, the envelope (JSON), the body
+    I   the same, by queue ID alone, for an envelope too large for a frame (tens of thousands of
+        recipients): the relay process reads it from the spool
     L   a log event (``twisted.logger.eventAsJSON``)
     M   a metrics snapshot (see samples.py)
 
@@ -22,17 +24,25 @@ from collections.abc import Iterator
 import attrs
 
 from mailrelay.spool.format import Envelope
+from mailrelay.spool.store import is_queue_id
 
 QUEUED = b"Q"
 QUEUED_WITH_BODY = b"W"
+QUEUED_ID = b"I"
 LOG_EVENT = b"L"
 METRICS = b"M"
-KINDS = frozenset((QUEUED, QUEUED_WITH_BODY, LOG_EVENT, METRICS))
+KINDS = frozenset((QUEUED, QUEUED_WITH_BODY, QUEUED_ID, LOG_EVENT, METRICS))
 
 # Larger than any frame an acceptor writes (a body travels only up to the queue's warm limit,
 # 256 KiB; a log event is cut at MAX_LOG_EVENT): a longer length is a broken stream.
 MAX_FRAME = 4 * 1024 * 1024
 MAX_LOG_EVENT = 256 * 1024
+# An envelope larger than this travels by queue ID alone (I): with the body (256 KiB at most)
+# it stays far below MAX_FRAME.
+MAX_ENVELOPE = 1024 * 1024
+# A body travels only up to the size the queue keeps in memory for a first attempt
+# (queue.WARM_MAX_BODY); a larger one would be read from the spool anyway.
+MAX_BODY = 256 * 1024
 
 _HEADER = struct.Struct(">cI")
 _LENGTH = struct.Struct(">I")
@@ -48,9 +58,18 @@ def frame(kind: bytes, payload: bytes) -> bytes:
 
 def queued_frame(envelope: Envelope, body: bytes | None) -> bytes:
     envelope_json = envelope.to_json()
-    if body is None:
+    if len(envelope_json) > MAX_ENVELOPE:
+        return frame(QUEUED_ID, envelope.queue_id.encode("ascii"))
+    if body is None or len(body) > MAX_BODY:
         return frame(QUEUED, envelope_json)
     return frame(QUEUED_WITH_BODY, _LENGTH.pack(len(envelope_json)) + envelope_json + body)
+
+
+def decode_queued_id(payload: bytes) -> str:
+    queue_id = payload.decode("ascii", "replace")
+    if not is_queue_id(queue_id):
+        raise FrameError(f"bad queue ID {queue_id!r}")
+    return queue_id
 
 
 @attrs.frozen

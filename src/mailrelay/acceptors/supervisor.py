@@ -3,8 +3,8 @@
 Starts ``smtp.processes - 1`` acceptors once the SMTP listeners listen, handing each the
 listening sockets; enqueues what they report, re-emits their log events, keeps their metrics;
 restarts one that exits (after a pause that grows while it keeps dying young) and then rescans
-queue/ for a message it made durable but could not report; stops them all (SIGTERM, then
-SIGKILL after ``stop_timeout``) before the queue stops, so every report is in.
+queue/ for a message it made durable but could not report; stops them all (end of file on
+their stdin, SIGKILL after ``stop_timeout``) before the queue stops, so every report is in.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -26,10 +27,12 @@ from mailrelay.acceptors.channel import (
     LOG_EVENT,
     METRICS,
     QUEUED,
+    QUEUED_ID,
     QUEUED_WITH_BODY,
     FrameError,
     FrameReader,
     decode_queued,
+    decode_queued_id,
 )
 from mailrelay.acceptors.samples import RemoteSamples
 from mailrelay.acceptors.worker import AcceptorSettings, InheritedListener
@@ -45,13 +48,26 @@ MAX_RESTART_DELAY = 60.0
 # An acceptor that lived this long is not crash-looping: its next restart is quick again.
 STABLE_AFTER = 30.0
 STOP_TIMEOUT = 30.0
+# Seconds after an acceptor's exit before queue/ is rescanned for what it did not report, and
+# the least age of a file the rescan takes.
+RESCAN_AFTER = 5.0
 _STDERR_LINE_MAX = 4096
 _FIRST_FD = 3  # the acceptor's listening sockets: 3, 4, ...
 
 
-def _family(listening: Listening) -> str:
+def _tcp_family(listening: Listening) -> str | None:
+    """ "inet" or "inet6" for a TCP listener; None for a UNIX one (not shared: worker.py)."""
     family = listening.port.socket.family  # type: ignore[attr-defined]  # tcp/unix Port
-    return {2: "inet", 10: "inet6", 1: "unix"}[int(family)]
+    return {socket.AF_INET: "inet", socket.AF_INET6: "inet6"}.get(family)
+
+
+# What an acceptor gets of our environment: enough to run this Python the same way, nothing
+# else (a provider's password_env secret stays in this process).
+_ENVIRONMENT = ("PATH", "PYTHONPATH", "PYTHONHOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+
+
+def acceptor_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k in _ENVIRONMENT}
 
 
 class _AcceptorProcess(protocol.ProcessProtocol):
@@ -102,9 +118,10 @@ class _AcceptorProcess(protocol.ProcessProtocol):
         with contextlib.suppress(error.ProcessExitedAlready, AttributeError):
             self.transport.signalProcess("KILL")  # type: ignore[union-attr]
 
-    def terminate(self) -> None:
-        with contextlib.suppress(error.ProcessExitedAlready, AttributeError):
-            self.transport.signalProcess("TERM")  # type: ignore[union-attr]
+    def stop(self) -> None:
+        """End of file on its stdin: it stops listening, reports what is in flight, exits."""
+        with contextlib.suppress(AttributeError):
+            self.transport.closeStdin()  # type: ignore[union-attr]
 
     def processEnded(self, reason: Failure) -> None:
         if self._stderr.strip():
@@ -122,7 +139,8 @@ class AcceptorSupervisor(service.Service):
         limits: LimitsConfig,
         spool: SpoolConfig,
         enqueue: Callable[[Envelope, bytes | None], None],
-        rescan: Callable[[], defer.Deferred[int]],
+        enqueue_id: Callable[[str], None],
+        rescan: Callable[[float], defer.Deferred[int]],
         metrics: Metrics,
         remote: RemoteSamples,
         stop_timeout: float = STOP_TIMEOUT,
@@ -135,6 +153,7 @@ class AcceptorSupervisor(service.Service):
         self._limits = limits
         self._spool = attrs.evolve(spool, path=os.path.abspath(spool.path))
         self._enqueue = enqueue
+        self._enqueue_id = enqueue_id
         self._rescan = rescan
         self._metrics = metrics
         self._remote = remote
@@ -145,17 +164,33 @@ class AcceptorSupervisor(service.Service):
         self._restart_delay: dict[int, float] = {}
         self._restarts: dict[int, IDelayedCall] = {}
         self._stopping = False
+        self._shutdown_trigger: Any = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        # At the very start of shutdown, not when the stop reaches this service (after the
+        # drain time): an acceptor exiting meanwhile is not to be restarted.
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+            "before", "shutdown", self._shutting_down
+        )
         self._ports.addCallback(self._start_all)
         self._ports.addErrback(lambda f: log.failure("starting the acceptor processes", f))
 
+    def _shutting_down(self) -> None:
+        self._stopping = True
+
     def _start_all(self, listening: list[Listening]) -> list[Listening]:
-        self._listening = listening
+        self._listening = [x for x in listening if _tcp_family(x) is not None]
+        if not self._listening:
+            log.warn(
+                "smtp.processes = {processes} but no tcp: listener: acceptor processes share"
+                " TCP listeners only, so this process accepts all mail alone",
+                processes=self._count,
+            )
+            return listening
         if not self._stopping:
             for index in range(1, self._count):
                 self._start(index)
@@ -166,7 +201,7 @@ class AcceptorSupervisor(service.Service):
         if self._stopping:
             return
         listeners = [
-            InheritedListener(_FIRST_FD + i, _family(x), x.proxied)
+            InheritedListener(_FIRST_FD + i, _tcp_family(x) or "", x.proxied)
             for i, x in enumerate(self._listening)
         ]
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
@@ -178,7 +213,12 @@ class AcceptorSupervisor(service.Service):
         process = _AcceptorProcess(self, index, self._reactor.seconds())
         try:
             self._spawn(
-                process, argv[0], argv, env=dict(os.environ), path=os.getcwd(), childFDs=child_fds
+                process,
+                argv[0],
+                argv,
+                env=acceptor_environment(os.environ),
+                path=os.getcwd(),
+                childFDs=child_fds,
             )
         except Exception as e:  # fork or exec refused (EAGAIN, ENOMEM): try again later
             self._metrics.acceptor_restarts.inc()
@@ -212,9 +252,13 @@ class AcceptorSupervisor(service.Service):
         return defer.Deferred.fromCoroutine(self._stop_all())
 
     async def _stop_all(self) -> None:
+        if self._shutdown_trigger is not None:
+            with contextlib.suppress(ValueError):  # (fired already)
+                self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
         processes = list(self._running.values())
         for process in processes:
-            process.terminate()
+            process.stop()
         if not processes:
             return
         ended = defer.DeferredList([p.ended for p in processes])
@@ -226,7 +270,7 @@ class AcceptorSupervisor(service.Service):
     def _kill_left(self) -> None:
         for process in list(self._running.values()):
             log.warn(
-                "acceptor {index} still running {timeout}s after SIGTERM: killing it",
+                "acceptor {index} still running {timeout}s after it was told to stop: killing it",
                 index=process.index,
                 timeout=self._stop_timeout,
             )
@@ -238,6 +282,8 @@ class AcceptorSupervisor(service.Service):
         if kind in (QUEUED, QUEUED_WITH_BODY):
             queued = decode_queued(kind, payload)
             self._enqueue(queued.envelope, queued.body)
+        elif kind == QUEUED_ID:
+            self._enqueue_id(decode_queued_id(payload))
         elif kind == LOG_EVENT:
             self._republish(index, payload)
         elif kind == METRICS:
@@ -285,12 +331,19 @@ class AcceptorSupervisor(service.Service):
             lived=lived,
             delay=delay,
         )
-        # It may have made a message durable and died before reporting it.
-        d = self._rescan()
+        # It may have made a message durable and died before reporting it. The rescan waits
+        # RESCAN_AFTER and takes only files at least that old, so it never takes a message
+        # another process is committing right now (its report, or its 451, is on the way).
+        self._reactor.callLater(RESCAN_AFTER, self._rescan_after_exit, index)
+        self._restarts[index] = self._reactor.callLater(delay, self._start, index)
+
+    def _rescan_after_exit(self, index: int) -> None:
+        if self._stopping:
+            return  # the next start indexes the whole spool anyway
+        d = self._rescan(RESCAN_AFTER)
         d.addErrback(
             lambda f: log.failure("rescan of queue/ after acceptor {index} exited", f, index=index)
         )
-        self._restarts[index] = self._reactor.callLater(delay, self._start, index)
 
     @property
     def pids(self) -> dict[int, int | None]:

@@ -10,16 +10,20 @@ changed since, and the file descriptors of the listening sockets it inherits.
 
 It runs the same inbound code as the relay process (RelaySMTPFactory, the durable spool write,
 the reply ordering) with its share of the inbound limits, and writes frames (channel.py) on its
-stdout: every message it made durable, its log events, its metrics. It stops on SIGTERM (stops
-listening, lets commits in flight finish and be reported, flushes the pipe) and when its stdin
-reaches end of file (the relay process is gone: an orphan must not accept mail no one
-delivers).
+stdout: every message it made durable, its log events, its metrics. It stops when its stdin
+reaches end of file: the relay process closes it to stop it, and the kernel closes it when the
+relay process is gone (an orphan must not accept mail no one delivers). Stopping: no more
+connections, commits in flight finish and are reported, the pipe is flushed. It ignores
+SIGTERM, SIGINT, SIGHUP and SIGUSR1: a signal sent to the whole process group (systemd's stop,
+Ctrl-C, a log-rotation pkill) is the relay process's to act on, and the relay keeps accepting
+through its drain time.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -29,7 +33,7 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer, protocol, stdio, task
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.logger import ILogObserver, Logger, formatEvent, globalLogBeginner
 from twisted.python import threadable
 from twisted.python.failure import Failure
@@ -56,7 +60,9 @@ from mailrelay.spool.store import Spool
 log = Logger(namespace="mailrelay.acceptor")
 
 SNAPSHOT_INTERVAL = 1.0
-_FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "unix": socket.AF_UNIX}
+# TCP only: Twisted's UNIX port would chmod the relay's socket file to its default mode when
+# adopted, and unlink it when closed; a unix: listener is served by the relay process alone.
+_FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
 
 
 @attrs.frozen
@@ -126,8 +132,10 @@ def _forwarded(event: dict[str, Any]) -> bytes | None:
     return data
 
 
+@implementer(IHalfCloseableProtocol)
 class _Channel(protocol.Protocol):
-    """Our end of the pipes: frames out on stdout, end of file on stdin means stop."""
+    """Our end of the pipes: frames out on stdout, end of file on stdin means stop (half
+    closed: stdout stays open for the reports of the commits still in flight)."""
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
@@ -142,22 +150,36 @@ class _Channel(protocol.Protocol):
         pass  # the relay process sends nothing; it closes stdin to stop us
 
     def readConnectionLost(self) -> None:
-        log.info("the relay process closed our pipe: stopping")
-        if self._reactor.running:
-            self._reactor.stop()
+        _stop_reactor(self._reactor)
+
+    def writeConnectionLost(self) -> None:
+        self._lost()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._lost()
+
+    def _lost(self) -> None:
+        # Nobody reads our reports any more: stop at once (an orphan).
         self._open = False
         if not self.lost.called:
             self.lost.callback(None)
-        if self._reactor.running:
-            self._reactor.stop()
+        _stop_reactor(self._reactor)
 
     def close(self) -> defer.Deferred[None]:
         """Flush what is written, then close; fires when done."""
         if self._open and self.transport is not None:
             self.transport.loseConnection()
         return self.lost
+
+
+_stop_requested: list[bool] = []
+
+
+def _stop_reactor(reactor: Any) -> None:
+    """reactor.stop(), once: a second call while it stops raises ReactorNotRunning."""
+    if not _stop_requested and reactor.running:
+        _stop_requested.append(True)
+        reactor.stop()
 
 
 class Acceptor:
@@ -184,10 +206,11 @@ class Acceptor:
         self._snapshots = task.LoopingCall(self._send_snapshot)
         self._snapshots.clock = reactor
         self._last_snapshot = b""
+        self.exit_code = 0
 
     def _queued(self, envelope: Envelope, body: bytes | None) -> None:
-        # Written before the client's 250 (our caller writes it when we return): the relay
-        # process learns of the message no later than the client does.
+        # Buffered for the pipe as the client's 250 goes out; if we die before the pipe takes
+        # it, the relay process finds the file when it rescans queue/ after our exit.
         self._channel.send(queued_frame(envelope, body))
 
     def _send_snapshot(self) -> None:
@@ -197,6 +220,15 @@ class Acceptor:
             self._channel.send(frame(METRICS, data))
 
     def listen(self, listeners: Sequence[InheritedListener]) -> None:
+        try:
+            self._listen(listeners)
+        except Exception:
+            # Half started is worse than not started: exit, and the relay restarts us.
+            log.failure("acceptor {index} cannot listen", index=self._index)
+            self.exit_code = 1
+            _stop_reactor(self._reactor)
+
+    def _listen(self, listeners: Sequence[InheritedListener]) -> None:
         for listener in listeners:
             factory: protocol.ServerFactory = self.factory
             if listener.proxied:
@@ -242,6 +274,8 @@ def _install_log_forwarding(channel: _Channel, reactor: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)  # the relay process's (module docstring)
     try:
         (text,) = args
         settings = AcceptorSettings.from_json(text)
@@ -263,8 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: defer.Deferred.fromCoroutine(acceptor.stop())
     )
-    reactor.run()
-    return 0
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]  # ReactorBase.run
+    return acceptor.exit_code
 
 
 if __name__ == "__main__":

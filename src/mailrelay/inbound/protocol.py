@@ -29,7 +29,13 @@ from enum import Enum, auto
 from typing import Any, Protocol, cast
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
@@ -52,6 +58,8 @@ HELO_MAX = 255
 CLOSE_GRACE = 30.0  # seconds a closing session may take to flush its last replies
 # Input held unprocessed while a reply is pending, before reading pauses (see _update_reading).
 HELD_INPUT_MAX = 64 * 1024
+# Replies kept for one send while pipelined input is processed, at most (see _send).
+REPLY_BATCH_MAX = 4096
 
 _HTTP_METHODS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"CONNECT"})
 _NOT_IMPLEMENTED = frozenset(
@@ -185,6 +193,8 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
         self._reading_paused = False  # what we last asked of the transport
         self._producing = False  # registered with the transport as the producer of replies
         self._processing = False  # inside _process_input (guards against re-entry)
+        self._replies: list[bytes] = []  # written while processing, sent at its end (_send)
+        self._replies_size = 0
         self._expired = False  # the session deadline passed while a reply was pending
         # Last resort: abort a session that neither finishes closing nor answers in time.
         self._abort_call: IDelayedCall | None = None
@@ -206,6 +216,11 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
     # -- connection -------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        # Replies go out as soon as they are known (write_now), the replies of one read
+        # together (_process_input): Nagle would hold a second reply written while the first
+        # is unacknowledged for the client's delayed ACK, ~40 ms.
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
         # A client that pipelines commands and never reads would otherwise grow our send
         # buffer without limit: let the transport pause us when it is full.
         self._transport.registerProducer(self, True)
@@ -296,6 +311,7 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
         self.setTimeout(None)
         # A TCP transport does not close while a producer is registered.
         self._unregister_producer()
+        self._flush_replies()
         self._transport.loseConnection()
         # loseConnection waits for our replies to be sent; a client that never reads would
         # keep the connection (and its slot) forever.
@@ -307,7 +323,27 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
             # (a TCP transport still sends what is written between loseConnection and the close).
             return
         line = f"{code} {status} {text}" if status else f"{code} {text}"
-        write_now(self._transport, line.encode("ascii", "replace") + b"\r\n")
+        self._send(line.encode("ascii", "replace") + b"\r\n")
+
+    def _send(self, data: bytes) -> None:
+        """A reply: kept while _process_input runs, so the replies to one read of pipelined
+        commands leave in one send; written at once otherwise (a commit's 250)."""
+        if self._processing:
+            self._replies.append(data)
+            self._replies_size += len(data)
+            if self._replies_size >= REPLY_BATCH_MAX:
+                # Past this, out they go: the transport's buffer, when full, pauses us
+                # (pauseProducing) before a client that never reads can make it grow.
+                self._flush_replies()
+        else:
+            write_now(self._transport, data)
+
+    def _flush_replies(self) -> None:
+        if self._replies:
+            data = b"".join(self._replies)
+            self._replies.clear()
+            self._replies_size = 0
+            write_now(self._transport, data)
 
     def _error_reply(self, code: int, status: str, text: str) -> None:
         """A 4xx/5xx answer to the client's mistake; too many end the session."""
@@ -403,6 +439,7 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
                     return
         finally:
             self._processing = False
+            self._flush_replies()
 
     def _process_commands(self) -> bool:
         """Run complete command lines; False when more input is needed or the session ended.
@@ -514,7 +551,7 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
             "ENHANCEDSTATUSCODES",
         ]
         text = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
-        write_now(self._transport, text.encode("ascii"))
+        self._send(text.encode("ascii"))
 
     def do_MAIL(self, argument: bytes) -> None:
         if self._helo_name is None:

@@ -243,10 +243,12 @@ class Spool:
     def queued_ids(self) -> list[str]:
         return self.ids(QUEUE)
 
-    def scan(self, area: str) -> list[tuple[str, float]]:
+    def scan(self, area: str, changed_before: float | None = None) -> list[tuple[str, float]]:
         """(ID, mtime) of every message in an area, in directory order (blocking).
 
         One scandir and one stat per message: for queue/, the mtime is the next attempt time.
+        ``changed_before``: only files whose inode last changed (ctime: for a new message, its
+        rename into the area) before this time.
         """
         found: list[tuple[str, float]] = []
         if not self.fs.is_dir(self.area(area)):
@@ -257,9 +259,11 @@ class Spool:
                 if name.startswith(".") or name.endswith(JOURNAL_SUFFIX):
                     continue
                 try:
-                    found.append((name, entry.stat().st_mtime))
+                    stat = entry.stat()
                 except FileNotFoundError:
                     continue  # removed while we looked
+                if changed_before is None or stat.st_ctime < changed_before:
+                    found.append((name, stat.st_mtime))
         return found
 
     def count(self, area: str) -> int:
