@@ -144,12 +144,14 @@ class Server:
 class Mailrelay(Server):
     name = "mailrelay"
 
-    def __init__(self, run_dir: Path, sink_port: int, src: str | None, max_size: int) -> None:
+    def __init__(
+        self, run_dir: Path, sink_port: int, src: str | None, max_size: int, processes: int
+    ) -> None:
         self.run_dir = run_dir
         self.src = src
         self.port, self.http_port, dead_port = free_ports(3)
         self.config = mailrelay_config(
-            run_dir, self.port, self.http_port, sink_port, dead_port, max_size
+            run_dir, self.port, self.http_port, sink_port, dead_port, max_size, processes
         )
         self.relay: Relay | None = None
 
@@ -202,11 +204,18 @@ class Mailrelay(Server):
 
 
 def mailrelay_config(
-    run_dir: Path, port: int, http_port: int, sink_port: int, dead_port: int, max_size: int
+    run_dir: Path,
+    port: int,
+    http_port: int,
+    sink_port: int,
+    dead_port: int,
+    max_size: int,
+    processes: int,
 ) -> str:
     return f"""\
 [smtp]
 listen = [{toml_str(f"tcp:{port}:interface={HOST}:backlog=512")}]
+processes = {processes}
 hostname = "bench.localhost"
 max_message_size = {max_size}
 max_connections = 1000
@@ -523,7 +532,7 @@ def make_server(
 ) -> Server:
     max_size = args.big_mb * MIB + 10 * MIB
     if name == "mailrelay":
-        return Mailrelay(run_dir, sink_port, args.relay_src, max_size)
+        return Mailrelay(run_dir, sink_port, args.relay_src, max_size, args.processes)
     return Postfix(run_dir, sink_port, max_size, backlog)
 
 
@@ -816,6 +825,10 @@ def print_preamble(args: argparse.Namespace) -> None:
         args.relay_src, "import mailrelay as m; print(m.__version__, m.__file__)"
     )
     print(f"mailrelay: {version}; python {platform.python_version()}")
+    print(
+        f"mailrelay: smtp.processes = {args.processes} (the relay process and"
+        f" {args.processes - 1} acceptor process(es)); CPU and memory are summed over them"
+    )
     print(f"postfix: {postfix_version()}, private instance (postfix -c DIR), relayhost = sink")
     usage = shutil.disk_usage(tempfile.gettempdir())
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -860,6 +873,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--probes", type=int, default=200, help="latency probes per run [200]")
     parser.add_argument("--relay-src", help="a src/ directory first on the relay's PYTHONPATH")
+    cores = len(os.sched_getaffinity(0))
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=cores,
+        help=f"mailrelay's smtp.processes [{cores}: the CPUs this machine lets us use]",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per wait [600]")
     args = parser.parse_args(argv)
     preset = {"messages": 500, "runs": 1, "cases": "4k1", "concurrency": "10", "extras": "none"}
