@@ -10,21 +10,17 @@ import pytest
 
 from mailrelay.acceptors.channel import (
     LOG_EVENT,
-    MAX_BODY,
     MAX_FRAME,
     METRICS,
     QUEUED,
     QUEUED_ID,
-    QUEUED_WITH_BODY,
     FrameError,
     FrameReader,
-    Queued,
     decode_queued,
     decode_queued_id,
     frame,
     queued_frame,
 )
-from mailrelay.queue import WARM_MAX_BODY
 from mailrelay.spool.format import Envelope
 
 ENVELOPE = Envelope(
@@ -36,7 +32,6 @@ ENVELOPE = Envelope(
     helo="client.test",
     body_8bit=True,
 )
-BODY = b"Subject: hi\r\n\r\nbody with \x00 and \xff octets\r\n"
 
 
 def test_several_frames_in_one_chunk_come_out_in_order() -> None:
@@ -51,7 +46,7 @@ def test_several_frames_in_one_chunk_come_out_in_order() -> None:
 
 
 def test_frames_fed_one_octet_at_a_time_come_out_whole() -> None:
-    frames = [(METRICS, b"[]"), (LOG_EVENT, b"event " * 50), (QUEUED_WITH_BODY, b"\x00" * 9)]
+    frames = [(METRICS, b"[]"), (LOG_EVENT, b"event " * 50), (QUEUED_ID, b"\x00" * 9)]
     stream = b"".join(frame(kind, payload) for kind, payload in frames)
     reader = FrameReader()
     out: list[tuple[bytes, bytes]] = []
@@ -116,40 +111,10 @@ def test_a_length_of_exactly_max_frame_is_accepted() -> None:
     assert list(reader.feed(frame(METRICS, payload))) == [(METRICS, payload)]
 
 
-def test_queued_frame_with_body_round_trips() -> None:
-    data = queued_frame(ENVELOPE, BODY)
-    [(kind, payload)] = list(FrameReader().feed(data))
-    assert kind == QUEUED_WITH_BODY
-    queued = decode_queued(kind, payload)
-    assert queued.envelope == ENVELOPE
-    assert queued.body == BODY
-
-
-def test_queued_frame_with_an_empty_body_keeps_it_empty_not_none() -> None:
-    [(kind, payload)] = list(FrameReader().feed(queued_frame(ENVELOPE, b"")))
-    assert kind == QUEUED_WITH_BODY
-    assert decode_queued(kind, payload).body == b""
-
-
-def test_queued_frame_without_body_round_trips() -> None:
-    data = queued_frame(ENVELOPE, None)
-    [(kind, payload)] = list(FrameReader().feed(data))
+def test_queued_frame_round_trips() -> None:
+    [(kind, payload)] = list(FrameReader().feed(queued_frame(ENVELOPE)))
     assert kind == QUEUED
-    queued = decode_queued(kind, payload)
-    assert queued.envelope == ENVELOPE
-    assert queued.body is None
-
-
-def test_an_envelope_length_past_the_payload_is_a_frame_error() -> None:
-    envelope_json = ENVELOPE.to_json()
-    payload = struct.pack(">I", len(envelope_json) + 1) + envelope_json
-    with pytest.raises(FrameError, match="envelope longer than its frame"):
-        decode_queued(QUEUED_WITH_BODY, payload)
-
-
-def test_a_with_body_payload_too_short_for_its_length_is_a_frame_error() -> None:
-    with pytest.raises(FrameError):
-        decode_queued(QUEUED_WITH_BODY, b"\x00\x00")
+    assert decode_queued(payload) == ENVELOPE
 
 
 @pytest.mark.parametrize(
@@ -164,18 +129,7 @@ def test_a_with_body_payload_too_short_for_its_length_is_a_frame_error() -> None
 )
 def test_a_bad_envelope_is_a_frame_error(envelope_json: bytes) -> None:
     with pytest.raises(FrameError, match="bad queued frame"):
-        decode_queued(QUEUED, envelope_json)
-    with_body = struct.pack(">I", len(envelope_json)) + envelope_json + b"body"
-    with pytest.raises(FrameError, match="bad queued frame"):
-        decode_queued(QUEUED_WITH_BODY, with_body)
-
-
-def test_a_body_larger_than_the_queue_keeps_in_memory_travels_without_it() -> None:
-    assert MAX_BODY == WARM_MAX_BODY  # the relay would read a larger one from the spool anyway
-    big = b"x" * (MAX_BODY + 1)
-    [(kind, payload)] = list(FrameReader().feed(queued_frame(ENVELOPE, big)))
-    assert kind == QUEUED
-    assert decode_queued(kind, payload) == Queued(ENVELOPE, None)
+        decode_queued(envelope_json)
 
 
 def test_an_envelope_too_large_for_a_frame_travels_by_queue_id() -> None:
@@ -184,7 +138,7 @@ def test_an_envelope_too_large_for_a_frame_travels_by_queue_id() -> None:
     many = attrs.evolve(
         ENVELOPE, recipients=tuple(f"{'r' * 200}{i}@example.com" for i in range(6000))
     )
-    data = queued_frame(many, b"body")
+    data = queued_frame(many)
     assert len(data) < 64
     [(kind, payload)] = list(FrameReader().feed(data))
     assert kind == QUEUED_ID

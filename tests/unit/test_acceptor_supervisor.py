@@ -42,7 +42,6 @@ ENVELOPE = Envelope(
     client="127.0.0.1",
     helo="client.test",
 )
-BODY = b"Subject: s\r\n\r\nbody\r\n"
 
 
 class FakeSocket:
@@ -124,7 +123,7 @@ class World:
         self.spool = SpoolConfig(path="relative-spool")
         self.listening = listening or [listening_on(17)]
         self.ports = ports if ports is not None else defer.succeed(self.listening)
-        self.enqueued: list[tuple[Envelope, bytes | None]] = []
+        self.enqueued: list[Envelope] = []
         self.enqueued_ids: list[str] = []
         self.rescans = 0
         self.rescan_ages: list[float] = []
@@ -139,7 +138,7 @@ class World:
             self.smtp,
             self.limits,
             self.spool,
-            lambda envelope, body: self.enqueued.append((envelope, body)),
+            self.enqueued.append,
             self.enqueued_ids.append,
             self.rescan,
             self.metrics,
@@ -294,25 +293,25 @@ def test_one_process_starts_no_acceptor() -> None:
 # -- frames -----------------------------------------------------------------------------------
 
 
-def test_queued_frames_are_enqueued_with_and_without_body() -> None:
+def test_queued_frames_are_enqueued_in_order() -> None:
     w = World(processes=2)
     w.start()
     [child] = w.spawned
     other = attrs.evolve(ENVELOPE, queue_id="0000000000000100000002")
-    child.send(queued_frame(ENVELOPE, BODY) + queued_frame(other, None))
-    assert w.enqueued == [(ENVELOPE, BODY), (other, None)]
+    child.send(queued_frame(ENVELOPE) + queued_frame(other))
+    assert w.enqueued == [ENVELOPE, other]
 
 
 def test_a_frame_split_across_reads_is_enqueued_once_whole() -> None:
     w = World(processes=2)
     w.start()
     [child] = w.spawned
-    data = queued_frame(ENVELOPE, BODY)
+    data = queued_frame(ENVELOPE)
     for i in range(len(data) - 1):
         child.send(data[i : i + 1])
     assert w.enqueued == []
     child.send(data[-1:])
-    assert w.enqueued == [(ENVELOPE, BODY)]
+    assert w.enqueued == [ENVELOPE]
     assert child.transport.signals == []
 
 
@@ -410,8 +409,8 @@ def test_frames_before_a_broken_one_in_the_same_read_are_still_enqueued() -> Non
     w = World(processes=2)
     w.start()
     [child] = w.spawned
-    child.send(queued_frame(ENVELOPE, None) + b"?\x00\x00\x00\x00")
-    assert w.enqueued == [(ENVELOPE, None)]
+    child.send(queued_frame(ENVELOPE) + b"?\x00\x00\x00\x00")
+    assert w.enqueued == [ENVELOPE]
     assert child.transport.signals == ["KILL"]
 
 

@@ -28,7 +28,6 @@ from mailrelay.acceptors.channel import (
     METRICS,
     QUEUED,
     QUEUED_ID,
-    QUEUED_WITH_BODY,
     FrameError,
     FrameReader,
     decode_queued,
@@ -138,7 +137,7 @@ class AcceptorSupervisor(service.Service):
         smtp: SMTPConfig,
         limits: LimitsConfig,
         spool: SpoolConfig,
-        enqueue: Callable[[Envelope, bytes | None], None],
+        enqueue: Callable[[Envelope], None],
         enqueue_id: Callable[[str], None],
         rescan: Callable[[float], defer.Deferred[int]],
         metrics: Metrics,
@@ -279,9 +278,8 @@ class AcceptorSupervisor(service.Service):
     # -- from the acceptors -----------------------------------------------------------------
 
     def frame_received(self, index: int, kind: bytes, payload: bytes) -> None:
-        if kind in (QUEUED, QUEUED_WITH_BODY):
-            queued = decode_queued(kind, payload)
-            self._enqueue(queued.envelope, queued.body)
+        if kind == QUEUED:
+            self._enqueue(decode_queued(payload))
         elif kind == QUEUED_ID:
             self._enqueue_id(decode_queued_id(payload))
         elif kind == LOG_EVENT:

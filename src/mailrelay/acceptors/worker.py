@@ -210,8 +210,9 @@ class Acceptor:
 
     def _queued(self, envelope: Envelope, body: bytes | None) -> None:
         # Buffered for the pipe as the client's 250 goes out; if we die before the pipe takes
-        # it, the relay process finds the file when it rescans queue/ after our exit.
-        self._channel.send(queued_frame(envelope, body))
+        # it, the relay process finds the file when it rescans queue/ after our exit. The body
+        # stays here: the relay process reads it from the spool (channel.py says why).
+        self._channel.send(queued_frame(envelope))
 
     def _send_snapshot(self) -> None:
         data = snapshot(self.metrics.registry)
