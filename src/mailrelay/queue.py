@@ -53,7 +53,7 @@ from mailrelay.spool.format import (
     StoredMessage,
     last_outcomes,
 )
-from mailrelay.spool.store import HOLD, QUEUE, Spool, is_queue_id, queue_id_time
+from mailrelay.spool.store import HOLD, QUEUE, Spool, is_queue_id, queue_id_tag, queue_id_time
 
 T = TypeVar("T")
 
@@ -64,8 +64,6 @@ INDEX_CHUNK = 2000
 # and the largest kept (the spool's in-memory threshold: a larger one is on disk already).
 WARM_BYTES = 16 * 1024 * 1024
 WARM_MAX_BODY = 256 * 1024
-# IDs of messages that left the index remembered, so a late report cannot queue one again.
-FINISHED_KEPT = 20_000  # ~2 MB; a report comes within milliseconds of its commit
 
 _STATUS_OF_KIND = {
     Kind.DELIVERED: Status.DELIVERED,
@@ -177,10 +175,6 @@ class DeliveryQueue:
         self._deferred: list[tuple[float, str]] = []
         self._active: dict[str, defer.Deferred[None]] = {}
         self._held: set[str] = set()
-        # The last FINISHED_KEPT IDs that left the index (delivered, bounced, held, deleted):
-        # see _known.
-        self._finished: set[str] = set()
-        self._finished_order: deque[str] = deque(maxlen=FINISHED_KEPT)
         # While the start-up scan is being indexed: IDs that left queue/ since it was taken.
         self._left_since_scan: set[str] | None = set()
         # Operator commands waiting for a running attempt to end: queue ID -> command.
@@ -248,7 +242,7 @@ class DeliveryQueue:
 
     def _index_scanned(self, queue_id: str, next_attempt: float, now: float) -> bool:
         """One (ID, mtime) from a scan of queue/ into the index, unless it is there already."""
-        if self._known(queue_id) or queue_id in (self._left_since_scan or ()):
+        if queue_id in self._queued or queue_id in (self._left_since_scan or ()):
             return False  # indexed since the scan (accepted, retried), or gone (held, done)
         if not is_queue_id(queue_id):
             # Not ours (a file copied in by hand): never delivered, never counted.
@@ -267,13 +261,14 @@ class DeliveryQueue:
             self._ready.append(queue_id)
         return True
 
-    async def adopt_unindexed(self, min_age: float = 0.0) -> int:
-        """Index what is in queue/ but not in the index: mail an acceptor process made durable
-        and could not report (it died first). Returns how many were found.
+    async def adopt_unindexed(self, tag: int) -> int:
+        """Index what is in queue/ under an ID of ``tag`` but not in the index: mail an
+        acceptor process (whose IDs carry its tag) made durable and could not report, since
+        it died first. Returns how many were found.
 
-        Only files that reached queue/ at least ``min_age`` seconds ago: a younger one may be
-        a commit still under way in a live process, whose report (or whose 451 and removal,
-        if its directory fsync fails) is on its way."""
+        Called once that process has exited and its pipe is drained: every report it sent is
+        in, and no other process makes IDs with its tag, so nothing found here is a commit
+        still under way or a report still to come."""
         if not self.indexed.called:
             # After the start-up scan, whose bookkeeping this shares (a fresh Deferred: an
             # await would take indexed's result from its other readers).
@@ -291,10 +286,13 @@ class DeliveryQueue:
                 return 0
             self._left_since_scan = set()
             try:
-                changed_before = self._clock.seconds() - min_age if min_age > 0 else None
-                scanned = await self._spool.run(self._spool.scan, QUEUE, changed_before)
+                scanned = await self._spool.run(self._spool.scan, QUEUE)
                 now = self._clock.seconds()
-                adopted = sum(self._index_scanned(q, when, now) for q, when in scanned)
+                adopted = sum(
+                    self._index_scanned(q, when, now)
+                    for q, when in scanned
+                    if is_queue_id(q) and queue_id_tag(q) == tag
+                )
             finally:
                 self._left_since_scan = None
             if adopted:
@@ -359,8 +357,8 @@ class DeliveryQueue:
     def enqueue(self, envelope: Envelope, body: bytes | None = None) -> None:
         """A message the inbound side (or a DSN) has just made durable. ``body``, when given,
         is what the spool file holds: the first attempt uses it instead of reading the file."""
-        if self._known(envelope.queue_id):
-            return
+        if envelope.queue_id in self._queued:
+            return  # found by adopt_unindexed already (an acceptor's report, in a race)
         # When the memory is used up, a new body is not kept (its file is read instead): the
         # oldest kept ones are the next the FIFO attempts.
         if body is not None and len(body) <= min(WARM_MAX_BODY, WARM_BYTES - self._warm_bytes):
@@ -387,18 +385,12 @@ class DeliveryQueue:
     def enqueue_id(self, queue_id: str) -> None:
         """A message made durable elsewhere (an acceptor process), known by its ID alone: its
         envelope is read from the spool at its attempt."""
-        if self._known(queue_id):
+        if queue_id in self._queued:
             return
         self.log.info("{queue_id} queued", queue_id=queue_id, event="queued")
         self._make_ready(queue_id)
 
-    def _known(self, queue_id: str) -> bool:
-        """Already indexed, or indexed and gone since: a report that arrives after the rescan
-        (adopt_unindexed) found the message must not queue it again."""
-        return queue_id in self._queued or queue_id in self._finished
-
     def _index(self, queue_id: str) -> None:
-        self._finished.discard(queue_id)  # back again (released, retried)
         self._queued.add(queue_id)
         heapq.heappush(self._by_age, queue_id)
         if len(self._by_age) > 2 * len(self._queued) + 1024:
@@ -420,12 +412,7 @@ class DeliveryQueue:
     def _forget(self, queue_id: str) -> None:
         """The message left queue/ (or is leaving it): out of the index."""
         self._take_warm(queue_id)
-        if queue_id in self._queued:
-            self._queued.discard(queue_id)
-            if len(self._finished_order) == self._finished_order.maxlen:
-                self._finished.discard(self._finished_order[0])
-            self._finished_order.append(queue_id)
-            self._finished.add(queue_id)
+        self._queued.discard(queue_id)
         self._due.pop(queue_id, None)
         self._attempts.pop(queue_id, None)
         if self._left_since_scan is not None:

@@ -321,7 +321,10 @@ def buildService(
     top.log_observer = twistd_log_observer(config.log.format, log_settings, reactor)
 
     runner = pool = IOThreads(reactor, IO_THREADS, name="mailrelay-io")
-    spool = Spool(Path(config.spool.path), runner, reactor.seconds)
+    # With acceptor processes, every queue ID says which process made it (0: this one), so the
+    # rescan after an acceptor's exit takes that process's files alone (acceptors.supervisor).
+    id_tag = 0 if config.smtp.processes > 1 else None
+    spool = Spool(Path(config.spool.path), runner, reactor.seconds, id_tag=id_tag)
     try:
         spool.root.mkdir(parents=True, exist_ok=True)
         lock = _lock_spool(spool)
@@ -432,7 +435,7 @@ def buildService(
             config.spool,
             queue.enqueue,
             queue.enqueue_id,
-            lambda min_age: defer.Deferred.fromCoroutine(queue.adopt_unindexed(min_age)),
+            lambda tag: defer.Deferred.fromCoroutine(queue.adopt_unindexed(tag)),
             metrics,
             remote,
         ).setServiceParent(top)

@@ -93,7 +93,7 @@ def acceptors_of(spool: Path) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        ours = b"mailrelay.acceptors.worker" in cmdline and str(spool).encode() in cmdline
+        ours = b"mailrelay.acceptors" in cmdline and str(spool).encode() in cmdline
         if ours and alive(int(entry.name)):
             pids.append(int(entry.name))
     return pids

@@ -21,7 +21,7 @@ from mailrelay.acceptors.samples import MergedRegistry, RemoteSamples, snapshot
 from mailrelay.acceptors.supervisor import (
     FIRST_RESTART_DELAY,
     MAX_RESTART_DELAY,
-    RESCAN_AFTER,
+    RESCAN_RETRY,
     STABLE_AFTER,
     AcceptorSupervisor,
     acceptor_environment,
@@ -126,7 +126,7 @@ class World:
         self.enqueued: list[Envelope] = []
         self.enqueued_ids: list[str] = []
         self.rescans = 0
-        self.rescan_ages: list[float] = []
+        self.rescan_tags: list[int] = []
         self.rescan_result: defer.Deferred[int] | None = None
         self.metrics = Metrics()
         self.remote = RemoteSamples()
@@ -173,9 +173,9 @@ class World:
         protocol.makeConnection(transport)
         return transport
 
-    def rescan(self, min_age: float) -> defer.Deferred[int]:
+    def rescan(self, tag: int) -> defer.Deferred[int]:
         self.rescans += 1
-        self.rescan_ages.append(min_age)
+        self.rescan_tags.append(tag)
         if self.rescan_result is not None:
             return self.rescan_result
         return defer.succeed(0)
@@ -206,7 +206,7 @@ def test_start_spawns_processes_minus_one_acceptors_with_the_listening_sockets()
     assert [s.index for s in w.spawned] == [1, 2]
     for child in w.spawned:
         assert child.executable == sys.executable
-        assert child.args[:3] == [sys.executable, "-m", "mailrelay.acceptors.worker"]
+        assert child.args[:3] == [sys.executable, "-m", "mailrelay.acceptors"]
         assert child.child_fds == {0: "w", 1: "r", 2: "r", 3: 17}
         assert child.path == os.getcwd()
         assert child.env == acceptor_environment(os.environ)
@@ -465,10 +465,9 @@ def test_an_acceptor_that_exits_is_restarted_after_a_delay_and_queue_is_rescanne
         first.end(crashed())
     assert w.restarts() == 1
     assert w.supervisor.pids == {2: second.transport.pid}
-    assert w.rescans == 0  # not at once: a live process may be committing a file right now
-    w.reactor.advance(RESCAN_AFTER)
-    assert w.rescans == 1
-    assert w.rescan_ages == [RESCAN_AFTER]  # only files that old
+    # At once, for its own files: its pipe is drained, every report it sent is in.
+    assert w.rescan_tags == [first.settings.tag]
+    assert first.settings.tag != second.settings.tag
     assert any(
         "acceptor 1 exited" in formatEvent(e) and "restarting it in 1s" in formatEvent(e)
         for e in logs.events
@@ -477,7 +476,10 @@ def test_an_acceptor_that_exits_is_restarted_after_a_delay_and_queue_is_rescanne
     values, _ = w.remote.totals()
     assert values[("mailrelay_messages_received_total", ())] == 4
     assert ("mailrelay_smtp_open_connections", ()) not in values
-    assert len(w.spawned) == 3  # restarted after FIRST_RESTART_DELAY, before the rescan
+    w.reactor.advance(FIRST_RESTART_DELAY - 0.01)
+    assert len(w.spawned) == 2
+    w.reactor.advance(0.01)
+    assert len(w.spawned) == 3
     restarted = w.spawned[2]
     assert restarted.index == 1
     assert restarted.child_fds == first.child_fds
@@ -541,11 +543,27 @@ def test_a_failing_rescan_is_logged_not_raised() -> None:
     w.rescan_result = defer.fail(OSError("spool unreadable"))
     with LogCapture() as logs:
         w.spawned[0].end(crashed())
-        w.reactor.advance(RESCAN_AFTER)
     failures = [e for e in logs.events if isinstance(e.get("log_failure"), Failure)]
     assert failures and "rescan of queue/" in formatEvent(failures[0])
     failures[0]["log_failure"].trap(OSError)
+    w.rescan_result = None
+    w.reactor.advance(RESCAN_RETRY)
+    assert w.rescans == 2  # tried again, for the same tag
+    assert w.rescan_tags[0] == w.rescan_tags[1] == w.spawned[0].settings.tag
     assert len(w.spawned) == 2  # restarted all the same
+
+
+def test_every_start_gets_a_tag_no_running_acceptor_has() -> None:
+    w = World(processes=4)
+    w.start()
+    tags = [c.settings.tag for c in w.spawned]
+    assert len(set(tags)) == 3 and 0 not in tags  # 0 is the relay process's
+    for _ in range(300):  # restarts wrap around the 255 tags, never onto a running one
+        child = w.spawned[-3]
+        child.end(crashed())
+        w.reactor.advance(restart_call(w).getTime() - w.reactor.seconds())
+        running = [c.settings.tag for c in w.spawned[-3:]]
+        assert len(set(running)) == 3 and all(1 <= t <= 255 for t in running)
 
 
 # -- stopping ---------------------------------------------------------------------------------

@@ -4,13 +4,13 @@ ignored."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from twisted.internet import defer
 
 from mailrelay.outbound.results import Kind
 from mailrelay.spool.format import encode_message
+from mailrelay.spool.store import is_queue_id, new_queue_id, queue_id_tag
 from tests.unit.fakes import FakeProvider, answer_all, envelope, has_fired, result_of
 from tests.unit.test_queue import BODY, World, qid
 
@@ -24,8 +24,11 @@ def write_behind_the_queues_back(w: World, n: int) -> str:
     return env.queue_id
 
 
-def adopt(w: World) -> defer.Deferred[int]:
-    return defer.Deferred.fromCoroutine(w.queue.adopt_unindexed())
+TAG = queue_id_tag(qid(0))  # the tag of the test IDs: those of the "dead acceptor"
+
+
+def adopt(w: World, tag: int = TAG) -> defer.Deferred[int]:
+    return defer.Deferred.fromCoroutine(w.queue.adopt_unindexed(tag))
 
 
 def test_a_message_nobody_reported_is_adopted_and_delivered_once(tmp_path: Path) -> None:
@@ -150,23 +153,6 @@ def test_a_message_written_with_a_later_next_attempt_is_adopted_as_deferred(
     assert [m.queue_id for m in w.providers[0].delivered] == [qid(1)]
 
 
-def test_a_report_after_the_adopted_message_was_delivered_does_not_send_it_again(
-    tmp_path: Path,
-) -> None:
-    """A live process's report can come after a rescan found, delivered and removed its
-    message: the queue remembers IDs that left it (review: delivered twice)."""
-    w = World(tmp_path)
-    w.start()
-    queue_id = write_behind_the_queues_back(w, 2)
-    assert result_of(adopt(w)) == 1
-    assert w.queued() == []  # delivered and gone
-    env = envelope(queue_id, received_at=w.clock.seconds())
-    w.queue.enqueue(env, OTHER_BODY)  # the late report, with its body
-    w.queue.enqueue_id(queue_id)  # and by ID
-    w.clock.advance(0)
-    assert [m.queue_id for m in w.providers[0].delivered] == [queue_id]
-
-
 def test_enqueue_id_queues_a_message_known_by_its_id_alone(tmp_path: Path) -> None:
     w = World(tmp_path)
     w.start()
@@ -179,16 +165,26 @@ def test_enqueue_id_queues_a_message_known_by_its_id_alone(tmp_path: Path) -> No
     assert sent[0].body == OTHER_BODY
 
 
-def test_the_rescan_leaves_a_file_younger_than_min_age_to_its_report(tmp_path: Path) -> None:
-    """A file another process is committing right now (its report, or its 451, is on the
-    way) is not taken: only files that reached queue/ min_age seconds ago or more."""
+def test_the_rescan_takes_the_dead_processs_files_only(tmp_path: Path) -> None:
+    """Another process's file not yet reported may be a commit under way (its report, or its
+    451 and removal, is coming): the rescan after an acceptor's exit takes only IDs with that
+    acceptor's tag (review: a 451'd message delivered, or one delivered twice)."""
     w = World(tmp_path)
     w.start()
-    w.clock.advance(time.time() - w.clock.seconds())  # the spool's ctimes are wall time
-    queue_id = write_behind_the_queues_back(w, 4)
-    young = defer.Deferred.fromCoroutine(w.queue.adopt_unindexed(min_age=60))
-    assert result_of(young) == 0
-    assert w.queued() == [queue_id]
-    w.clock.advance(61)
-    old = defer.Deferred.fromCoroutine(w.queue.adopt_unindexed(min_age=60))
-    assert result_of(old) == 1
+    theirs = new_queue_id(w.clock.seconds(), tag=7)
+    env = envelope(theirs, received_at=w.clock.seconds())
+    w.spool.write_durably(env, encode_message(env, OTHER_BODY))
+    assert queue_id_tag(theirs) == 7
+    assert result_of(adopt(w, tag=8)) == 0
+    assert w.queued() == [theirs]
+    assert result_of(adopt(w, tag=7)) == 1
+    assert w.queued() == []
+
+
+def test_ids_with_a_tag_keep_their_order_and_form() -> None:
+    first = new_queue_id(1000.0, tag=3)
+    later = new_queue_id(1000.5, tag=0)
+    assert is_queue_id(first) and is_queue_id(later)
+    assert first < later  # time-sortable whatever the tag
+    assert queue_id_tag(first) == 3 and queue_id_tag(later) == 0
+    assert queue_id_tag(new_queue_id(1000.0, tag=255)) == 255

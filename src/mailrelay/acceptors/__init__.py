@@ -10,7 +10,8 @@ delivers, retries, bounces, and serves health, metrics, the control socket and a
 one process.
 
     channel.py      the frames on the pipe (queued message, log event, metrics snapshot)
-    worker.py       the acceptor process (``python -m mailrelay.acceptors.worker``)
+    __main__.py     ``python -m mailrelay.acceptors``: ignores the relay's signals, runs worker
+    worker.py       the acceptor process
     supervisor.py   the relay process's side: starts, reads, restarts and stops acceptors
     samples.py      acceptors' metrics, summed into the relay process's /metrics
 """

@@ -47,9 +47,10 @@ MAX_RESTART_DELAY = 60.0
 # An acceptor that lived this long is not crash-looping: its next restart is quick again.
 STABLE_AFTER = 30.0
 STOP_TIMEOUT = 30.0
-# Seconds after an acceptor's exit before queue/ is rescanned for what it did not report, and
-# the least age of a file the rescan takes.
-RESCAN_AFTER = 5.0
+# Seconds before a rescan of queue/ that failed is tried again.
+RESCAN_RETRY = 10.0
+# Queue ID tags of acceptors (spool.store.new_queue_id): 0 is the relay process's.
+_TAGS = 255
 _STDERR_LINE_MAX = 4096
 _FIRST_FD = 3  # the acceptor's listening sockets: 3, 4, ...
 
@@ -60,19 +61,26 @@ def _tcp_family(listening: Listening) -> str | None:
     return {socket.AF_INET: "inet", socket.AF_INET6: "inet6"}.get(family)
 
 
-# What an acceptor gets of our environment: enough to run this Python the same way, nothing
-# else (a provider's password_env secret stays in this process).
-_ENVIRONMENT = ("PATH", "PYTHONPATH", "PYTHONHOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+# What an acceptor gets of our environment: what it takes to run this Python the same way
+# (the interpreter's own variables, its library path, locale, time zone), nothing else: a
+# provider's password_env secret stays in this process.
+_ENVIRONMENT = ("PATH", "HOME", "LD_LIBRARY_PATH", "LANG", "TZ", "TMPDIR")
+_ENVIRONMENT_PREFIXES = ("PYTHON", "LC_")
 
 
 def acceptor_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in environ.items() if k in _ENVIRONMENT}
+    return {
+        k: v for k, v in environ.items() if k in _ENVIRONMENT or k.startswith(_ENVIRONMENT_PREFIXES)
+    }
 
 
 class _AcceptorProcess(protocol.ProcessProtocol):
-    def __init__(self, supervisor: AcceptorSupervisor, index: int, started_at: float) -> None:
+    def __init__(
+        self, supervisor: AcceptorSupervisor, index: int, tag: int, started_at: float
+    ) -> None:
         self._supervisor = supervisor
         self.index = index
+        self.tag = tag  # in every queue ID it makes
         self.started_at = started_at
         self._frames = FrameReader()
         self._stderr = b""
@@ -139,7 +147,7 @@ class AcceptorSupervisor(service.Service):
         spool: SpoolConfig,
         enqueue: Callable[[Envelope], None],
         enqueue_id: Callable[[str], None],
-        rescan: Callable[[float], defer.Deferred[int]],
+        rescan: Callable[[int], defer.Deferred[int]],
         metrics: Metrics,
         remote: RemoteSamples,
         stop_timeout: float = STOP_TIMEOUT,
@@ -164,6 +172,7 @@ class AcceptorSupervisor(service.Service):
         self._restarts: dict[int, IDelayedCall] = {}
         self._stopping = False
         self._shutdown_trigger: Any = None
+        self._last_tag = 0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -206,10 +215,11 @@ class AcceptorSupervisor(service.Service):
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         for listener, listening in zip(listeners, self._listening, strict=True):
             child_fds[listener.fd] = listening.port.fileno()  # type: ignore[attr-defined]
+        tag = self._new_tag()
         argv = AcceptorSettings(
-            index, self._smtp, self._limits, self._spool, tuple(listeners)
+            index, tag, self._smtp, self._limits, self._spool, tuple(listeners)
         ).command_line()
-        process = _AcceptorProcess(self, index, self._reactor.seconds())
+        process = _AcceptorProcess(self, index, tag, self._reactor.seconds())
         try:
             self._spawn(
                 process,
@@ -232,6 +242,16 @@ class AcceptorSupervisor(service.Service):
             return
         self._running[index] = process
         log.info("acceptor {index} started (pid {pid})", index=index, pid=process.pid)
+
+    def _new_tag(self) -> int:
+        """A queue ID tag no running acceptor has: each start gets its own, so the rescan after
+        an exit (adopt_unindexed) can tell that process's files from any other's."""
+        in_use = {p.tag for p in self._running.values()}
+        for _ in range(_TAGS):
+            self._last_tag = self._last_tag % _TAGS + 1
+            if self._last_tag not in in_use:
+                break
+        return self._last_tag
 
     def _next_delay(self, index: int, lived: float) -> float:
         """The pause before restarting acceptor ``index``: doubling while it dies young."""
@@ -329,19 +349,26 @@ class AcceptorSupervisor(service.Service):
             lived=lived,
             delay=delay,
         )
-        # It may have made a message durable and died before reporting it. The rescan waits
-        # RESCAN_AFTER and takes only files at least that old, so it never takes a message
-        # another process is committing right now (its report, or its 451, is on the way).
-        self._reactor.callLater(RESCAN_AFTER, self._rescan_after_exit, index)
+        # It may have made a message durable and died before reporting it. processEnded comes
+        # after its pipes are drained, so every report it sent is in: what is left under its
+        # tag in queue/ is exactly what it did not report.
+        self._rescan_after_exit(index, process.tag)
         self._restarts[index] = self._reactor.callLater(delay, self._start, index)
 
-    def _rescan_after_exit(self, index: int) -> None:
+    def _rescan_after_exit(self, index: int, tag: int) -> None:
         if self._stopping:
             return  # the next start indexes the whole spool anyway
-        d = self._rescan(RESCAN_AFTER)
-        d.addErrback(
-            lambda f: log.failure("rescan of queue/ after acceptor {index} exited", f, index=index)
-        )
+
+        def failed(f: Failure) -> None:
+            log.failure(
+                "rescan of queue/ after acceptor {index} exited; again in {retry:.0f}s",
+                f,
+                index=index,
+                retry=RESCAN_RETRY,
+            )
+            self._reactor.callLater(RESCAN_RETRY, self._rescan_after_exit, index, tag)
+
+        self._rescan(tag).addErrback(failed)
 
     @property
     def pids(self) -> dict[int, int | None]:

@@ -2,7 +2,7 @@
 
 Started by the relay process (supervisor.py), never by hand:
 
-    python -m mailrelay.acceptors.worker SETTINGS
+    python -m mailrelay.acceptors SETTINGS      (__main__.py: signals first, then main())
 
 SETTINGS (JSON, see AcceptorSettings) carries the relay process's own smtp, limits and spool
 configuration, so an acceptor works exactly as that process does even if the config file has
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sys
 import time
@@ -79,6 +78,7 @@ def _tuples(values: dict[str, Any]) -> dict[str, Any]:
 @attrs.frozen
 class AcceptorSettings:
     index: int
+    tag: int  # in every queue ID it makes (spool.store.new_queue_id)
     smtp: SMTPConfig  # smtp.processes included: the share of the limits is taken here
     limits: LimitsConfig
     spool: SpoolConfig  # its path absolute
@@ -92,6 +92,7 @@ class AcceptorSettings:
         raw = json.loads(text)
         return cls(
             index=int(raw["index"]),
+            tag=int(raw["tag"]),
             smtp=SMTPConfig(**_tuples(raw["smtp"])),
             limits=LimitsConfig(**raw["limits"]),
             spool=SpoolConfig(**raw["spool"]),
@@ -100,7 +101,7 @@ class AcceptorSettings:
 
     def command_line(self) -> list[str]:
         """argv of the acceptor: this interpreter, so the same installation."""
-        return [sys.executable, "-m", "mailrelay.acceptors.worker", self.to_json()]
+        return [sys.executable, "-m", "mailrelay.acceptors", self.to_json()]
 
 
 def _forwarded(event: dict[str, Any]) -> bytes | None:
@@ -191,7 +192,7 @@ class Acceptor:
         spool_config = settings.spool
         self.pool = IOThreads(reactor, IO_THREADS, name=f"mailrelay-acceptor{index}-io")
         self.metrics = Metrics()
-        spool = Spool(Path(spool_config.path), self.pool, reactor.seconds)
+        spool = Spool(Path(spool_config.path), self.pool, reactor.seconds, id_tag=settings.tag)
         disk = FreeSpace(spool_config.path, spool_config.min_free_space, reactor)
         self.factory = RelaySMTPFactory(
             smtp,
@@ -275,8 +276,6 @@ def _install_log_forwarding(channel: _Channel, reactor: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)  # the relay process's (module docstring)
     try:
         (text,) = args
         settings = AcceptorSettings.from_json(text)

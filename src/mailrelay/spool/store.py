@@ -136,9 +136,18 @@ class SpoolLock:
             self._fd = None
 
 
-def new_queue_id(now: float) -> str:
-    """A unique, time-sortable queue ID: microseconds since the epoch and 32 random bits."""
-    return f"{int(now * 1_000_000):014X}{secrets.randbits(32):08X}"
+def new_queue_id(now: float, tag: int | None = None) -> str:
+    """A unique, time-sortable queue ID: microseconds since the epoch and 32 random bits, or,
+    with ``tag`` (0-255), the tag and 24 random bits: which process made it (see queue_id_tag)."""
+    if tag is None:
+        return f"{int(now * 1_000_000):014X}{secrets.randbits(32):08X}"
+    return f"{int(now * 1_000_000):014X}{tag:02X}{secrets.randbits(24):06X}"
+
+
+def queue_id_tag(queue_id: str) -> int:
+    """The tag of an ID made with one (new_queue_id): with acceptor processes, 0 for the relay
+    process and each acceptor process's own number for the IDs it made."""
+    return int(queue_id[14:16], 16)
 
 
 def _records_after_magic(data: bytes) -> bytes:
@@ -165,10 +174,13 @@ class Spool:
         now: Callable[[], float] = time.time,
         *,
         fs: FileSystem = REAL_FS,
+        id_tag: int | None = None,
     ):
         """``fs``: every file-system call for messages and journals goes through it (the real
-        one by default; a test passes one that models power loss). The lock does not."""
+        one by default; a test passes one that models power loss). The lock does not.
+        ``id_tag``: the tag in every queue ID this process makes (new_queue_id)."""
         self.root = root
+        self.id_tag = id_tag
         self.fs = fs
         self.tmp = root / "tmp"
         self.queue = root / QUEUE
@@ -226,7 +238,7 @@ class Spool:
         return MessageWriter(self, envelope)
 
     def new_queue_id(self) -> str:
-        return new_queue_id(self._now())
+        return new_queue_id(self._now(), self.id_tag)
 
     def write_durably(self, envelope: Envelope, data: bytes) -> None:
         """A whole message file (``encode_message``) into queue/, blocking, as durably as a
@@ -243,12 +255,10 @@ class Spool:
     def queued_ids(self) -> list[str]:
         return self.ids(QUEUE)
 
-    def scan(self, area: str, changed_before: float | None = None) -> list[tuple[str, float]]:
+    def scan(self, area: str) -> list[tuple[str, float]]:
         """(ID, mtime) of every message in an area, in directory order (blocking).
 
         One scandir and one stat per message: for queue/, the mtime is the next attempt time.
-        ``changed_before``: only files whose inode last changed (ctime: for a new message, its
-        rename into the area) before this time.
         """
         found: list[tuple[str, float]] = []
         if not self.fs.is_dir(self.area(area)):
@@ -259,11 +269,9 @@ class Spool:
                 if name.startswith(".") or name.endswith(JOURNAL_SUFFIX):
                     continue
                 try:
-                    stat = entry.stat()
+                    found.append((name, entry.stat().st_mtime))
                 except FileNotFoundError:
                     continue  # removed while we looked
-                if changed_before is None or stat.st_ctime < changed_before:
-                    found.append((name, stat.st_mtime))
         return found
 
     def count(self, area: str) -> int:
