@@ -358,7 +358,9 @@ class DeliveryQueue:
         """A message the inbound side (or a DSN) has just made durable. ``body``, when given,
         is what the spool file holds: the first attempt uses it instead of reading the file."""
         if envelope.queue_id in self._queued:
-            return  # found by adopt_unindexed already (an acceptor's report, in a race)
+            # Indexed already: not expected (a rescan takes only a dead acceptor's IDs, after
+            # its last report), but a second index entry would mean a second attempt.
+            return
         # When the memory is used up, a new body is not kept (its file is read instead): the
         # oldest kept ones are the next the FIFO attempts.
         if body is not None and len(body) <= min(WARM_MAX_BODY, WARM_BYTES - self._warm_bytes):
