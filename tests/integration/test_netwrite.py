@@ -1,11 +1,13 @@
-"""write_now on real loopback TCP connections (the real reactor, under twisted.trial)."""
+"""write_now on real loopback TCP connections and real pipes (the real reactor, under
+twisted.trial)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 
-from twisted.internet import defer, protocol, reactor, tcp
+from twisted.internet import defer, protocol, reactor, stdio, tcp
 from twisted.trial import unittest
 
 from mailrelay.netwrite import write_now
@@ -118,3 +120,53 @@ class WriteNowTests(unittest.TestCase):
         transport, _ = await self._connected()
         for name in ("dataBuffer", "_tempDataBuffer", "_writeDisconnected", "_aborting", "TLS"):
             assert hasattr(transport, name), name
+
+
+class WriteNowPipeTests(unittest.TestCase):
+    """An acceptor's report pipe: twisted.internet.stdio.StandardIO on real pipes."""
+
+    def _standard_io(self) -> tuple[stdio.StandardIO, int]:
+        """A StandardIO writing to a pipe, and the pipe's reading end (non-blocking)."""
+        read_end, write_end = os.pipe()
+        stdin_read, stdin_write = os.pipe()
+        os.set_blocking(read_end, False)
+        transport = stdio.StandardIO(
+            _Collect(),
+            stdin=stdin_read,
+            stdout=write_end,
+            reactor=reactor,  # type: ignore[call-arg]  # the POSIX one
+        )
+
+        def close() -> None:
+            transport.loseConnection()
+            for fd in (read_end, stdin_write):
+                os.close(fd)
+
+        self.addCleanup(close)
+        return transport, read_end
+
+    def test_writes_at_once_without_a_reactor_turn(self) -> None:
+        transport, read_end = self._standard_io()
+        write_now(transport, b"Q frame")
+        assert os.read(read_end, 100) == b"Q frame"
+        writer = transport._writer
+        assert not writer.dataBuffer and not writer._tempDataBuffer
+
+    async def test_buffered_data_keeps_its_place(self) -> None:
+        transport, read_end = self._standard_io()
+        transport.write(b"first ")  # buffered by Twisted until a reactor turn
+        write_now(transport, b"second")
+        received = b""
+
+        def got_both() -> bool:
+            nonlocal received
+            with contextlib.suppress(BlockingIOError):
+                received += os.read(read_end, 100)
+            return received == b"first second"
+
+        await poll(got_both, 5, "both frames in order")
+
+    def test_the_twisted_internals_it_reads_exist(self) -> None:
+        transport, _ = self._standard_io()
+        for name in ("dataBuffer", "_tempDataBuffer", "connected", "disconnecting", "fd"):
+            assert hasattr(transport._writer, name), name

@@ -53,6 +53,7 @@ from mailrelay.diskspace import FreeSpace
 from mailrelay.inbound.factory import ProxyHeaderFactory, RelaySMTPFactory
 from mailrelay.logformat import is_plain
 from mailrelay.metrics import Metrics
+from mailrelay.netwrite import write_now
 from mailrelay.spool.format import Envelope
 from mailrelay.spool.store import Spool
 
@@ -145,7 +146,7 @@ class _Channel(protocol.Protocol):
 
     def send(self, data: bytes) -> None:
         if self._open and self.transport is not None:
-            self.transport.write(data)
+            write_now(self.transport, data)
 
     def dataReceived(self, data: bytes) -> None:
         pass  # the relay process sends nothing; it closes stdin to stop us

@@ -19,6 +19,7 @@ The others only read.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 from collections.abc import Iterator
@@ -40,6 +41,26 @@ class SpoolFile(Protocol):
     def close(self) -> None: ...
 
 
+# What read_bytes asks for after the first read (a file that grew since its fstat).
+READ_CHUNK = 1 << 20
+
+
+class _WholeWrites(io.FileIO):
+    """A file without a buffer whose ``write`` writes everything it is given.
+
+    A message is written in one call (or a few large ones when it spills), so a buffer only
+    costs: opening a buffered file takes three more system calls (a tty check, two seeks),
+    each a turn of the GIL for the I/O thread that makes it. A raw write may be short (a
+    signal, a huge size), hence the loop."""
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int:  # type: ignore[override]
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += super().write(view[done:]) or 0
+        return done
+
+
 def fsync_directory(path: Path) -> None:
     """Make the entries of a directory durable (its creations, renames and removals)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -58,7 +79,7 @@ class FileSystem:
         """A new file, opened for writing, mode 0600 (mail is private); FileExistsError if
         the name exists."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        return os.fdopen(fd, "wb")
+        return _WholeWrites(fd, "wb")
 
     def utime_fd(self, fd: int, when: float) -> None:
         """Set an open file's atime and mtime."""
@@ -114,7 +135,16 @@ class FileSystem:
     # -- reading ----------------------------------------------------------------------------
 
     def read_bytes(self, path: Path) -> bytes:
-        return path.read_bytes()
+        """The whole file, as ``path.read_bytes()``, in five system calls instead of nine (no
+        buffered file object: the queue reads every message it sends once)."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            chunks = [os.read(fd, os.fstat(fd).st_size + 1)]
+            while chunks[-1]:  # until end of file: a read may return less than asked
+                chunks.append(os.read(fd, READ_CHUNK))
+        finally:
+            os.close(fd)
+        return chunks[0] if len(chunks) == 2 else b"".join(chunks)
 
     def exists(self, path: Path) -> bool:
         return path.exists()
