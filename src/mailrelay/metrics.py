@@ -29,7 +29,7 @@ class Metrics:
         self.connections = Counter(
             "mailrelay_smtp_connections_total",
             "Inbound SMTP connections, by result: accepted, refused_nonlocal, refused_limit,"
-            " refused_peer_limit, refused_rate, refused_proxy_header.",
+            " refused_peer_limit, refused_rate, refused_proxy_header, refused_shutdown.",
             ["result"],
             registry=r,
         )
@@ -57,8 +57,8 @@ class Metrics:
         )
         self.sessions_closed = Counter(
             "mailrelay_smtp_sessions_closed_total",
-            "Inbound SMTP sessions closed by the server for a limit, by reason: idle_timeout,"
-            " session_timeout, too_many_errors.",
+            "Inbound SMTP sessions closed by the server with a 421, by reason: idle_timeout,"
+            " session_timeout, too_many_errors, shutdown.",
             ["reason"],
             registry=r,
         )

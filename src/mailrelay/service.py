@@ -2,7 +2,8 @@
 
 ``makeService`` is the twistd plugin's entry point; ``makeApplication`` serves ``relay.tac``;
 both are thin wrappers over ``buildService(reactor, config)``, which is where the parts meet.
-Children start in the order added and stop in reverse: listeners stop first (no new mail),
+Children start in the order added and stop in reverse: listeners stop first (no new mail;
+the sessions end with a 421, in this process and the acceptor processes at the same time),
 then the queue (closes provider connections, waits for running attempts to journal their
 outcomes), and the I/O thread pool last.
 """
@@ -422,8 +423,13 @@ def buildService(
     queue_service.setServiceParent(top)
     _ControlSocketService(reactor, spool.control_socket, control).setServiceParent(top)
     _MonitorService(monitor).setServiceParent(top)
+    # The listeners and the acceptor processes stop side by side (a MultiService stops its
+    # children at once): every process's sessions hear their 421 at the same time, instead of
+    # this process's waiting for the acceptors' grace to run out.
+    inbound = service.MultiService()
+    inbound.setServiceParent(top)
     listeners = SMTPListeners(reactor, _listen_endpoints(config), factory)
-    listeners.setServiceParent(top)
+    listeners.setServiceParent(inbound)
     if config.smtp.processes > 1:
         remote = RemoteSamples()
         metrics.expose(MergedRegistry(metrics.registry, remote))
@@ -438,7 +444,7 @@ def buildService(
             lambda tag: defer.Deferred.fromCoroutine(queue.adopt_unindexed(tag)),
             metrics,
             remote,
-        ).setServiceParent(top)
+        ).setServiceParent(inbound)
     readiness.setServiceParent(top)
 
     if all(p.kind == "maildir" for p in config.providers):

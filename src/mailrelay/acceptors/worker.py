@@ -248,9 +248,11 @@ class Acceptor:
         )
 
     async def stop(self) -> None:
-        """No new connections; commits in flight finish and are reported; the pipe is flushed."""
+        """No new connections; the sessions end (a message being received is finished and
+        answered first); commits in flight finish and are reported; the pipe is flushed."""
         await defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self._ports])
         self._ports = []
+        await self.factory.close_sessions()
         # Joins the I/O threads: a commit running now completes, and its result is waiting
         # in the reactor's queue; one more turn reports it (and writes the client's 250).
         self.pool.stop()

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 from typing import cast
 
+from twisted.internet import defer
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -43,6 +44,10 @@ from mailrelay.netaddr import IPNetwork, canonical_peer, parse_network, peer_all
 from mailrelay.ratelimit import KeyedRateLimiter, MailRateLimits
 from mailrelay.spool.format import Envelope
 from mailrelay.spool.store import Spool
+
+# At stop, how long a session receiving a message may take to finish it (close_sessions).
+# Well inside the 30 s an acceptor process gets to stop (acceptors.supervisor).
+SHUTDOWN_GRACE = 10.0
 
 
 class _Refusal(Protocol):
@@ -86,6 +91,9 @@ class RelaySMTPFactory(smtp.SMTPFactory):
         self.clock = clock
         self.metrics = metrics
         self.active: set[RelayESMTP] = set()
+        self._shutting_down = False  # close_sessions was called
+        self._close_waiters: list[defer.Deferred[None]] = []
+        self._overdue: IDelayedCall | None = None  # aborts what is left after the grace
         self._peer_of: dict[RelayESMTP, str] = {}
         self._open_per_peer: dict[str, int] = {}
         # Rate limiter state lives here, shared by every connection; the clock is the factory's.
@@ -156,6 +164,9 @@ class RelaySMTPFactory(smtp.SMTPFactory):
             self._metrics.connections.labels("refused_nonlocal").inc()
             return None
         hostname = self.config.hostname
+        if self._shutting_down:
+            self._metrics.connections.labels("refused_shutdown").inc()
+            return _Refusal(f"421 4.3.2 {hostname} Service shutting down, try again later")
         if len(self.active) >= self.config.max_connections:
             self._metrics.connections.labels("refused_limit").inc()
             return _Refusal(f"421 4.7.0 {hostname} Too many connections, try again later")
@@ -206,8 +217,40 @@ class RelaySMTPFactory(smtp.SMTPFactory):
         self._metrics.connections.labels("accepted").inc()
         return protocol
 
+    def close_sessions(self, grace: float = SHUTDOWN_GRACE) -> defer.Deferred[None]:
+        """At stop, after the listening sockets closed: every session ends with a 421, a
+        session receiving a message or waiting on its fsync right after that message's reply
+        (RelayESMTP.shut_down); any still open after ``grace`` seconds is aborted. Fires once
+        none is left. A session that would start now (a PROXY header read late) is refused."""
+        if not self._shutting_down:
+            self._shutting_down = True
+            for protocol in list(self.active):
+                protocol.shut_down()
+            if self.active:
+                self.log.info(
+                    "waiting up to {grace}s for {count} SMTP session(s) to end",
+                    grace=grace,
+                    count=len(self.active),
+                )
+                self._overdue = self._clock.callLater(grace, self._abort_sessions)
+        if not self.active:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._close_waiters.append(waiter)
+        return waiter
+
+    def _abort_sessions(self) -> None:
+        for protocol in list(self.active):
+            protocol.abort()
+
     def connectionClosed(self, protocol: RelayESMTP) -> None:
         self.active.discard(protocol)
+        if not self.active and self._shutting_down:
+            if self._overdue is not None and self._overdue.active():
+                self._overdue.cancel()
+            waiters, self._close_waiters = self._close_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
         key = self._peer_of.pop(protocol, None)
         if key is not None:
             left = self._open_per_peer[key] - 1

@@ -68,7 +68,10 @@ class SMTPListeners(service.Service):
         self.privilegedStartService()  # (done already under twistd)
 
     def stopService(self) -> defer.Deferred[Any]:
+        """No new connections; then the sessions end (RelaySMTPFactory.close_sessions)."""
         super().stopService()
         listening, self._listening = self._listening, []
         self._started = False
-        return defer.DeferredList([defer.maybeDeferred(x.port.stopListening) for x in listening])
+        stopped = defer.DeferredList([defer.maybeDeferred(x.port.stopListening) for x in listening])
+        stopped.addCallback(lambda _: self._factory.close_sessions())
+        return stopped

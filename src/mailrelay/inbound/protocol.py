@@ -196,6 +196,7 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
         self._replies: list[bytes] = []  # written while processing, sent at its end (_send)
         self._replies_size = 0
         self._expired = False  # the session deadline passed while a reply was pending
+        self._shutting_down = False  # the relay is stopping: 421 once no reply is owed
         # Last resort: abort a session that neither finishes closing nor answers in time.
         self._abort_call: IDelayedCall | None = None
         self._errors = 0
@@ -277,6 +278,30 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
         if self._mode is not _Mode.CLOSED:
             self._metrics.sessions_closed.labels("session_timeout").inc()
         self._close(421, "4.4.2", f"{self._config.hostname} Session too long, closing connection")
+
+    def shut_down(self) -> None:
+        """The relay is stopping: 421 and close (RFC 5321 3.8), now if the session is between
+        commands; while a message is being received or made durable, right after its reply,
+        so a client that sent a message in full still hears whether it was taken."""
+        if self._mode is _Mode.CLOSED:
+            return
+        self._shutting_down = True
+        if self._mode is _Mode.DATA or self._waiting:
+            return  # _wait_for's resume or _process_input closes after the reply
+        self._close_for_shutdown()
+
+    def _close_for_shutdown(self) -> None:
+        if self._mode is _Mode.CLOSED:
+            return
+        self._metrics.sessions_closed.labels("shutdown").inc()
+        self._close(
+            421, "4.3.2", f"{self._config.hostname} Service shutting down, closing connection"
+        )
+
+    def abort(self) -> None:
+        """End the session at once, without a reply (a stop whose grace ran out)."""
+        self._cancel_abort()
+        self._abort()
 
     def _abort_after(self, seconds: float) -> None:
         self._cancel_abort()
@@ -518,6 +543,9 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
                     421, "4.4.2", f"{self._config.hostname} Session too long, closing connection"
                 )
                 return
+            if self._shutting_down:
+                self._close_for_shutdown()
+                return
             self.setTimeout(self._config.idle_timeout)
             self._update_reading()
             self._process_input()
@@ -732,6 +760,11 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
         self._store(text)
         if end >= 0:
             self._end_of_data()
+            if self._shutting_down and not self._waiting:
+                # A stop came while this message arrived, and its reply is written (the
+                # reply owed): nothing the client sent after the dot is run.
+                self._close_for_shutdown()
+                return False
         return True
 
     def _store(self, text: bytes) -> None:
