@@ -6,12 +6,15 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from pathlib import Path
 
 from twisted.internet import defer, protocol, reactor, stdio, tcp
 from twisted.trial import unittest
 
+from mailrelay.inbound.factory import ProxyHeaderFactory, ProxyHeaderReader
 from mailrelay.netwrite import write_now
 from tests.support.polling import poll
+from tests.unit.helpers_inbound import HOSTNAME, make_factory
 
 
 class _Collect(protocol.Protocol):
@@ -170,3 +173,38 @@ class WriteNowPipeTests(unittest.TestCase):
         transport, _ = self._standard_io()
         for name in ("dataBuffer", "_tempDataBuffer", "connected", "disconnecting", "fd"):
             assert hasattr(transport._writer, name), name
+
+
+class ProxiedSessionTests(unittest.TestCase):
+    """A session behind a haproxy: listener: the SMTP side writes to the header reader, not to
+    the TCP transport; its replies still go out at once, with Nagle off."""
+
+    async def test_replies_through_the_header_reader_go_out_at_once_without_nagle(self) -> None:
+        root = Path(self.mktemp())
+        root.mkdir(parents=True)
+        smtp_factory = make_factory(root)
+        factory = ProxyHeaderFactory(smtp_factory)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        client.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 25\r\n")
+        client.setblocking(False)
+        received = b""
+
+        def banner() -> bool:
+            nonlocal received
+            with contextlib.suppress(BlockingIOError):
+                received += client.recv(100)
+            return received.endswith(b"\r\n")
+
+        await poll(banner, 5, "the banner")
+        assert received == f"220 {HOSTNAME} ESMTP mailrelay\r\n".encode()
+        [session] = smtp_factory.active
+        reader = session.transport
+        assert isinstance(reader, ProxyHeaderReader)
+        self.addCleanup(reader.abortConnection)
+        tcp_socket = reader.transport.socket
+        assert tcp_socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        reader.write(b"250 at once\r\n")
+        assert client.recv(100) == b"250 at once\r\n"  # no reactor turn in between

@@ -24,6 +24,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IPushProducer,
     IReactorTime,
+    ITCPTransport,
     ITransport,
 )
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
@@ -41,6 +42,7 @@ from mailrelay.inbound.delivery import RelayDelivery
 from mailrelay.inbound.protocol import RelayESMTP
 from mailrelay.metrics import Metrics
 from mailrelay.netaddr import IPNetwork, canonical_peer, parse_network, peer_allowed, peer_key
+from mailrelay.netwrite import write_now
 from mailrelay.ratelimit import KeyedRateLimiter, MailRateLimits
 from mailrelay.spool.format import Envelope
 from mailrelay.spool.store import Spool
@@ -398,6 +400,10 @@ class ProxyHeaderReader(Protocol):
             self._close()
             return
         self.wrapped = protocol
+        if ITCPTransport.providedBy(self.transport):
+            # As for a direct session (RelayESMTP.connectionMade, which sees this reader, not
+            # a TCP transport): replies are not held back by Nagle.
+            self.transport.setTcpNoDelay(True)
         protocol.makeConnection(self)
         if rest and self.wrapped is not None and not self._socket.disconnecting:
             self.wrapped.dataReceived(rest)
@@ -446,7 +452,7 @@ class ProxyHeaderReader(Protocol):
         return self._socket.getHost()
 
     def write(self, data: bytes) -> None:
-        self._socket.write(data)
+        write_now(self._socket, data)  # at once, as a direct session's replies (netwrite)
 
     def writeSequence(self, data: list[bytes]) -> None:  # type: ignore[override]
         self._socket.writeSequence(data)
