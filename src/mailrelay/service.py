@@ -441,7 +441,7 @@ def buildService(
             config.spool,
             queue.enqueue,
             queue.enqueue_id,
-            lambda tag: defer.Deferred.fromCoroutine(queue.adopt_unindexed(tag)),
+            lambda tag: defer.Deferred.fromCoroutine(_after_acceptor_exit(spool, queue, tag)),
             metrics,
             remote,
         ).setServiceParent(inbound)
@@ -461,6 +461,25 @@ def buildService(
         chain=",".join(config.routing.default),
     )
     return top
+
+
+async def _after_acceptor_exit(spool: Spool, queue: DeliveryQueue, tag: int) -> int:
+    """An acceptor process whose queue IDs carry ``tag`` has exited: the messages it made
+    durable but could not report are indexed (returns how many), then its partial messages
+    in tmp/ go (sessions its death cut; otherwise they would wait for the next start)."""
+    adopted = await queue.adopt_unindexed(tag)
+    try:
+        removed = await spool.run(spool.clear_tmp, tag)
+    except OSError as e:
+        # Not worth a retry: they only take space, and the next start clears tmp/.
+        log.warn("could not clear an exited acceptor's files from tmp/: {error}", error=str(e))
+    else:
+        if removed:
+            log.info(
+                "removed {count} partial message(s) of an exited acceptor from tmp/",
+                count=removed,
+            )
+    return adopted
 
 
 def _load_or_exit(path: str | None) -> Config:

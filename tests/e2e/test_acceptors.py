@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.net import free_port, http_get, wait_until
+from tests.support.rawsmtp import RawSMTP
 from tests.support.relay import RelayProcess, relay_config
 from tests.support.upstream import UpstreamProcess
 
@@ -177,8 +178,24 @@ def test_acceptor_process_accepts_is_restarted_and_stops_with_the_relay(tmp_path
             from_acceptor = [e for e in received if e.get("acceptor") == 1]
             assert from_acceptor, "no received line came from the acceptor"
 
-            # (b) SIGKILL the acceptor: it is restarted, on the same listening socket.
+            # (b) SIGKILL the acceptor in the middle of a large message (spilled to tmp/): it is
+            # restarted, on the same listening socket, and its partial file is removed.
+            relay._proc.send_signal(signal.SIGSTOP)
+            try:
+                cut = RawSMTP(smtp_port)  # only the acceptor can take it and answer
+                assert cut.code().startswith("220")
+                cut.send(b"EHLO c\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<r@example.com>\r\n")
+                cut.send(b"DATA\r\n")
+                assert cut.reply()[-1].startswith("250")
+                assert cut.codes(3) == ["250 2.1.0", "250 2.1.5", "354"]
+                cut.send(b"Subject: cut short\r\n\r\n" + b"x" * 998 + b"\r\n")
+                cut.send((b"y" * 998 + b"\r\n") * 600)  # ~600 KB: past SPILL_SIZE
+                wait_until(lambda: list((spool / "tmp").iterdir()), 10, what="a file in tmp/")
+            finally:
+                relay._proc.send_signal(signal.SIGCONT)
             os.kill(first, signal.SIGKILL)
+            wait_until(lambda: not list((spool / "tmp").iterdir()), 10, what="tmp/ cleared")
+            cut.sock.close()
             wait_until(
                 lambda: any(
                     str(e.get("message", "")).startswith("acceptor 1 exited") for e in events(relay)

@@ -79,6 +79,18 @@ def test_prepare_clears_leftovers_in_tmp(spool: Spool) -> None:
     assert files(spool.tmp) == []
 
 
+def test_clear_tmp_removes_the_partial_messages_of_one_process_only(spool: Spool) -> None:
+    from mailrelay.spool.store import new_queue_id
+
+    mine = [new_queue_id(1_700_000_000 + i, tag=7) for i in range(3)]
+    others = [new_queue_id(1_700_000_000, tag=8), new_queue_id(1_700_000_000, tag=0)]
+    for name in [*mine, *others, "not-a-queue-id"]:
+        (spool.tmp / name).write_bytes(b"partial")
+    assert spool.clear_tmp(7) == 3
+    assert sorted(p.name for p in spool.tmp.iterdir()) == sorted([*others, "not-a-queue-id"])
+    assert spool.clear_tmp(7) == 0
+
+
 def test_commit_puts_the_message_in_queue_and_nothing_in_tmp(spool: Spool) -> None:
     writer = spool.open_writer(envelope(QID))
     writer.write(BODY[:10])

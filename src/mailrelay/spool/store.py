@@ -232,6 +232,18 @@ class Spool:
             fs.unlink(self.tmp / leftover, missing_ok=True)
         fs.fsync_directory(self.root)
 
+    def clear_tmp(self, tag: int) -> int:
+        """Remove from tmp/ the partial messages of the process whose queue IDs carry ``tag``
+        (an acceptor process that died in the middle of receiving them: nobody will finish
+        them, and prepare() clears tmp/ only at the next start). Blocking; returns how many.
+        Only once that process is gone: a live one may still be writing them."""
+        removed = 0
+        for name in self.fs.listdir(self.tmp):
+            if is_queue_id(name) and queue_id_tag(name) == tag:
+                self.fs.unlink(self.tmp / name, missing_ok=True)
+                removed += 1
+        return removed
+
     # -- acceptance ---------------------------------------------------------------------------
 
     def open_writer(self, envelope: Envelope) -> MessageWriter:
