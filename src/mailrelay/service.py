@@ -125,6 +125,23 @@ class _SequentialMultiService(service.MultiService):
         return defer.Deferred.fromCoroutine(stop_in_turn())
 
 
+class _SideBySideMultiService(service.MultiService):
+    """Stops its children at once (as MultiService does), logging a child's failure to stop
+    instead of leaving it in a DeferredList nobody reads."""
+
+    def stopService(self) -> defer.Deferred[None]:
+        service.Service.stopService(self)
+
+        async def stop(child: service.IService) -> None:
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {child} failed", child=child)
+
+        stops = [defer.Deferred.fromCoroutine(stop(child)) for child in reversed(list(self))]
+        return defer.gatherResults(stops).addCallback(lambda _: None)
+
+
 class _IOThreadsService(service.Service):
     def __init__(self, pool: IOThreads) -> None:
         self._pool = pool
@@ -423,10 +440,10 @@ def buildService(
     queue_service.setServiceParent(top)
     _ControlSocketService(reactor, spool.control_socket, control).setServiceParent(top)
     _MonitorService(monitor).setServiceParent(top)
-    # The listeners and the acceptor processes stop side by side (a MultiService stops its
-    # children at once): every process's sessions hear their 421 at the same time, instead of
-    # this process's waiting for the acceptors' grace to run out.
-    inbound = service.MultiService()
+    # The listeners and the acceptor processes stop side by side: every process's sessions
+    # hear their 421 at the same time, instead of this process's waiting for the acceptors'
+    # grace to run out.
+    inbound = _SideBySideMultiService()
     inbound.setServiceParent(top)
     listeners = SMTPListeners(reactor, _listen_endpoints(config), factory)
     listeners.setServiceParent(inbound)

@@ -45,6 +45,7 @@ def test_an_idle_session_gets_421_at_once_and_the_stop_waits_for_its_close(
     assert s.closed
     assert not _fired(stopped)  # the TCP connection is not gone yet
     s.disconnect()
+    s.clock.advance(0)  # the stop goes on in the next turn, not inside connectionLost
     assert _fired(stopped)
     assert _shutdown_closes(s) == 1
 
@@ -76,6 +77,7 @@ def test_a_message_being_received_is_finished_answered_and_then_closed(
     assert s.closed
     assert len(s.queue_files()) == 1 and len(s.accepted) == 1
     s.disconnect()
+    s.clock.advance(0)  # the stop goes on in the next turn, not inside connectionLost
     assert _fired(stopped)
 
 
@@ -130,6 +132,7 @@ def test_a_session_that_does_not_finish_in_the_grace_is_aborted(tmp_path: Path) 
     s.clock.advance(0.1)
     assert s.closed and s.replies() == []  # no reply: the client retries the message
     s.disconnect()
+    s.clock.advance(0)  # the stop goes on in the next turn, not inside connectionLost
     assert _fired(stopped)
     assert s.tmp_files() == [] and s.queue_files() == []
 
@@ -137,6 +140,7 @@ def test_a_session_that_does_not_finish_in_the_grace_is_aborted(tmp_path: Path) 
 def test_without_sessions_the_stop_does_not_wait(tmp_path: Path) -> None:
     s = _open(tmp_path)
     s.disconnect()
+    s.clock.advance(0)  # the stop goes on in the next turn, not inside connectionLost
     assert _fired(s.factory.close_sessions())
 
 
@@ -164,5 +168,14 @@ def test_a_second_stop_call_waits_for_the_same_sessions(tmp_path: Path) -> None:
     assert not _fired(first) and not _fired(second)
     s.send(b"x\r\n.\r\n")
     s.disconnect()
+    s.clock.advance(0)  # the stop goes on in the next turn, not inside connectionLost
     assert _fired(first) and _fired(second)
     assert s.clock.getDelayedCalls() == []  # the grace timer is gone with the last session
+
+
+def test_a_factory_listening_again_after_a_stop_takes_sessions_again(tmp_path: Path) -> None:
+    s = _open(tmp_path)
+    s.disconnect()
+    s.factory.close_sessions()
+    s.factory.doStart()  # a listening port started again (SMTPListeners started after a stop)
+    assert isinstance(s.factory.buildProtocol(LOCAL_V4), RelayESMTP)

@@ -223,36 +223,42 @@ class RelaySMTPFactory(smtp.SMTPFactory):
         """At stop, after the listening sockets closed: every session ends with a 421, a
         session receiving a message or waiting on its fsync right after that message's reply
         (RelayESMTP.shut_down); any still open after ``grace`` seconds is aborted. Fires once
-        none is left. A session that would start now (a PROXY header read late) is refused."""
+        none is left. A session that would start now (a PROXY header read late) is refused,
+        until the factory listens again (doStart)."""
         if not self._shutting_down:
             self._shutting_down = True
-            for protocol in list(self.active):
-                protocol.shut_down()
             if self.active:
+                # Armed first: whatever happens below, the stop cannot wait for ever.
+                self._overdue = self._clock.callLater(grace, self._abort_sessions)
                 self.log.info(
                     "waiting up to {grace}s for {count} SMTP session(s) to end",
                     grace=grace,
                     count=len(self.active),
                 )
-                self._overdue = self._clock.callLater(grace, self._abort_sessions)
+            for protocol in list(self.active):
+                try:
+                    protocol.shut_down()
+                except Exception:
+                    self.log.failure("closing an SMTP session at stop failed")
         if not self.active:
             return defer.succeed(None)
         waiter: defer.Deferred[None] = defer.Deferred()
         self._close_waiters.append(waiter)
         return waiter
 
+    def doStart(self) -> None:
+        super().doStart()
+        self._shutting_down = False  # listening again (a service started after a stop)
+
     def _abort_sessions(self) -> None:
         for protocol in list(self.active):
-            protocol.abort()
+            try:
+                protocol.abort()
+            except Exception:
+                self.log.failure("aborting an SMTP session at stop failed")
 
     def connectionClosed(self, protocol: RelayESMTP) -> None:
         self.active.discard(protocol)
-        if not self.active and self._shutting_down:
-            if self._overdue is not None and self._overdue.active():
-                self._overdue.cancel()
-            waiters, self._close_waiters = self._close_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
         key = self._peer_of.pop(protocol, None)
         if key is not None:
             left = self._open_per_peer[key] - 1
@@ -260,6 +266,14 @@ class RelaySMTPFactory(smtp.SMTPFactory):
                 self._open_per_peer[key] = left
             else:
                 del self._open_per_peer[key]
+        if not self.active and self._shutting_down:
+            if self._overdue is not None and self._overdue.active():
+                self._overdue.cancel()
+            # On the next turn: not from inside the last session's connectionLost (a waiter
+            # goes on to stop the I/O threads).
+            waiters, self._close_waiters = self._close_waiters, []
+            for waiter in waiters:
+                self._clock.callLater(0, waiter.callback, None)
 
     def open_from(self, addr: IAddress) -> int:
         """Sessions open now from the client at ``addr`` (what connections_per_peer counts)."""
