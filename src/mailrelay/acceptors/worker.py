@@ -26,13 +26,19 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from typing import Protocol as TypingProtocol
 
 import attrs
 from twisted.internet import defer, protocol, stdio, task
-from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableProtocol,
+    IListeningPort,
+    IPushProducer,
+)
 from twisted.logger import ILogObserver, Logger, formatEvent, globalLogBeginner
 from twisted.python import threadable
 from twisted.python.failure import Failure
@@ -170,8 +176,49 @@ class _Channel(protocol.Protocol):
     def close(self) -> defer.Deferred[None]:
         """Flush what is written, then close; fires when done."""
         if self._open and self.transport is not None:
+            # A paused producer would be resumed by the last write instead of the pipe being
+            # closed (Twisted's FileDescriptor.doWrite): it goes first.
+            cast(IConsumer, self.transport).unregisterProducer()
             self.transport.loseConnection()
         return self.lost
+
+
+class _ListeningPort(TypingProtocol):
+    def stopReading(self) -> None: ...
+    def startReading(self) -> None: ...
+
+
+@implementer(IPushProducer)
+class ReportBackpressure:
+    """Registered with the report pipe as its producer: when the relay process does not read
+    our reports (stopped, stuck) and Twisted's buffer for the pipe passes its limit (64 KiB,
+    behind the kernel's own 64 KiB), no new connection is taken until the pipe drains.
+    Otherwise the reports of what we accept meanwhile would pile up in memory without bound;
+    the connections wait in the listening socket's backlog, or go to the relay process.
+    Sessions already open carry on."""
+
+    def __init__(self, ports: Callable[[], Sequence[_ListeningPort]]) -> None:
+        self._ports = ports
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        if self.paused:
+            return
+        self.paused = True
+        log.warn("the relay process is not reading this acceptor's reports: not accepting")
+        for port in self._ports():
+            port.stopReading()
+
+    def resumeProducing(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        log.info("the relay process reads this acceptor's reports again: accepting")
+        for port in self._ports():
+            port.startReading()
+
+    def stopProducing(self) -> None:
+        pass
 
 
 _stop_requested: list[bool] = []
@@ -205,6 +252,11 @@ class Acceptor:
             limits=limits,
         )
         self._ports: list[IListeningPort] = []
+        self._stopping = False
+        # Reports that cannot leave pause accepting (see ReportBackpressure).
+        self.backpressure = ReportBackpressure(
+            lambda: [] if self._stopping else cast(list[_ListeningPort], self._ports)
+        )
         self._snapshots = task.LoopingCall(self._send_snapshot)
         self._snapshots.clock = reactor
         self._last_snapshot = b""
@@ -250,6 +302,7 @@ class Acceptor:
     async def stop(self) -> None:
         """No new connections; the sessions end (a message being received is finished and
         answered first); commits in flight finish and are reported; the pipe is flushed."""
+        self._stopping = True
         await defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self._ports])
         self._ports = []
         await self.factory.close_sessions()
@@ -292,10 +345,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     channel_fd = os.dup(1)
     os.dup2(2, 1)
     channel = _Channel(reactor)
-    stdio.StandardIO(channel, stdin=0, stdout=channel_fd, reactor=reactor)  # type: ignore[call-arg]  # the POSIX one
+    channel_transport = stdio.StandardIO(channel, stdin=0, stdout=channel_fd, reactor=reactor)  # type: ignore[call-arg]  # the POSIX one
     _install_log_forwarding(channel, reactor)
 
     acceptor = Acceptor(reactor, settings, channel)
+    channel_transport.registerProducer(acceptor.backpressure, True)
     reactor.callWhenRunning(acceptor.listen, settings.listeners)
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: defer.Deferred.fromCoroutine(acceptor.stop())
