@@ -16,6 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from mailrelay.config import ProviderConfig
 from mailrelay.metrics import Metrics
+from mailrelay.outbound.payload import ONE_WRITE_LIMIT, PIECE
 from mailrelay.outbound.pool import SMTPProvider
 from mailrelay.outbound.results import Kind, OutboundMessage
 from tests.support.loopback_reactor import LoopbackReactor
@@ -91,6 +92,23 @@ class StartTLSUpstream(_WithTestCA):
         assert result.kind is Kind.DELIVERED, result.reply
         (stored,) = upstream.messages()
         assert stored["body"] == MESSAGE.body
+
+    async def test_a_large_body_goes_out_in_pieces_over_tls_intact(self) -> None:
+        # Over ONE_WRITE_LIMIT the payload is produced piece by piece as the TLS transport
+        # takes it: every '.' line stuffed, including one on a piece boundary, and nothing
+        # lost or doubled where pieces meet.
+        line = b"x" * 70 + b"\r\n"
+        block = line * (PIECE // len(line))  # just under a piece: the next line opens one
+        body = b"Subject: big over tls\r\n\r\n.first\r\n"
+        for i in range(40):  # about 2.6 MB
+            body += block + b".dot line %d\r\n" % i + b"..two dots\r\n" + b".\r\n"
+        assert len(body) > 2 * ONE_WRITE_LIMIT
+        message = OutboundMessage("Q2", "app@example.com", ("user@example.com",), body)
+        upstream = self.upstream()
+        (result,) = await self.provider(upstream.port, self.ca_file).deliver(message)
+        assert result.kind is Kind.DELIVERED, result.reply
+        (stored,) = upstream.messages()
+        assert stored["body"] == body
 
     async def test_untrusted_certificate_is_a_temporary_failure(self) -> None:
         upstream = self.upstream()
