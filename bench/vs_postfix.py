@@ -80,6 +80,8 @@ POSTFIX_SEED = 200  # backlog messages Postfix queues itself; the rest are copie
 # Recipients per upstream transaction, the same for both (Postfix's default): with at most 50
 # recipients a message is one transaction at the sink.
 RCPTS_PER_TRANSACTION = 50
+# Latency probes run side by side: one for every this many of smtp-source's sessions.
+PROBE_SESSIONS = 10
 MIB = 1024 * 1024
 
 
@@ -352,11 +354,21 @@ def backlog_message() -> bytes:
 
 
 class LatencyProbe(threading.Thread):
-    """Sends one message at a time over its own connection while smtp-source runs, one every
-    ``every`` of smtp-source's completed messages, at most ``limit``; each latency is from
+    """Sends one message at a time over its own connection while smtp-source runs: the n-th
+    of ``limit`` probe messages once smtp-source has completed n * ``every``, taking every
+    ``step``-th n from ``first`` (several probes share the numbers); each latency is from
     sending the final "." to receiving the 250."""
 
-    def __init__(self, port: int, case: Case, source: SmtpSource, every: int, limit: int) -> None:
+    def __init__(
+        self,
+        port: int,
+        case: Case,
+        source: SmtpSource,
+        every: int,
+        limit: int,
+        first: int = 1,
+        step: int = 1,
+    ) -> None:
         super().__init__(daemon=True)
         self.port = port
         self.recipients = recipients_of(case)
@@ -364,11 +376,13 @@ class LatencyProbe(threading.Thread):
         self.source = source
         self.every = every
         self.limit = limit
+        self.first = first
+        self.step = step
         self.latencies: list[float] = []
         self.errors: list[str] = []
 
     def run(self) -> None:
-        for n in range(1, self.limit + 1):
+        for n in range(self.first, self.limit + 1, self.step):
             if not self.source.wait_count(n * self.every):
                 return  # smtp-source has finished
             try:
@@ -496,14 +510,24 @@ def measure_load(
     source = SmtpSource(command, args.messages).start()
     try:
         every = max(1, args.messages // max(1, limit))
-        probe = LatencyProbe(server.port, case, source, every, limit)
-        probe.start()
+        # One probe per PROBE_SESSIONS of smtp-source's sessions: a lone probe waits its turn
+        # among 50 sessions at every step of its transaction and got ~45 messages through at
+        # c=50, so its "p99" was its maximum.
+        count = max(1, concurrency // PROBE_SESSIONS)
+        probes = [
+            LatencyProbe(server.port, case, source, every, limit, first=i + 1, step=count)
+            for i in range(count)
+        ]
+        for probe in probes:
+            probe.start()
         load = source.wait(args.timeout)
-        probe.join(120)
+        for probe in probes:
+            probe.join(120)
     finally:
         source.kill()  # only if still running (interrupted)
-    sample.sent, sample.source_s, sample.latencies = load.accepted, load.seconds, probe.latencies
-    sample.probed = len(probe.latencies)
+    latencies = [latency for probe in probes for latency in probe.latencies]
+    sample.sent, sample.source_s, sample.latencies = load.accepted, load.seconds, latencies
+    sample.probed = len(latencies)
     per_message = math.ceil(case.recipients / RCPTS_PER_TRANSACTION)
     done = sink.wait_transactions(before_sink + sample.messages * per_message, args.timeout)
     after_cpu = server.cpu_ticks()
@@ -513,7 +537,7 @@ def measure_load(
         sample.cpu_s = (after_cpu - before_cpu) / CLK_TCK
     memory = server.memory()
     sample.peak_rss_kib, sample.pss_kib = memory.kib("VmHWM"), memory.kib("Pss")
-    sample.problems += probe.errors[:3]
+    sample.problems += [error for probe in probes for error in probe.errors][:3]
     if load.problem:
         sample.problems.append(load.problem)
     if done is None:
