@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 from twisted.internet import reactor, stdio
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from mailrelay.acceptors.worker import ReportBackpressure, _Channel
+from mailrelay.acceptors.channel import METRICS
+from mailrelay.acceptors.worker import (
+    SNAPSHOT_INTERVAL,
+    Acceptor,
+    AcceptorSettings,
+    ReportBackpressure,
+    _Channel,
+)
+from mailrelay.config import LimitsConfig, SMTPConfig, SpoolConfig
 from tests.support.polling import poll
 
 
@@ -75,3 +85,42 @@ class ReportBackpressureTests(unittest.TestCase):
         await poll(resumed, 10, "accepting again")
         assert port.reading
         await poll(all_arrived, 10, "every report, in full")
+
+
+class _Frames:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+
+def test_no_metrics_snapshot_piles_up_while_paused(tmp_path: Path) -> None:
+    clock = Clock()
+    frames = _Frames()
+    settings = AcceptorSettings(
+        index=1,
+        tag=1,
+        smtp=SMTPConfig(processes=2),
+        limits=LimitsConfig(),
+        spool=SpoolConfig(path=str(tmp_path / "spool")),
+        listeners=(),
+    )
+    acceptor = Acceptor(clock, settings, frames)  # type: ignore[arg-type]  # a fake channel
+    acceptor._snapshots.start(SNAPSHOT_INTERVAL, now=False)
+
+    def metrics_frames() -> int:
+        return sum(1 for data in frames.sent if data[:1] == METRICS)
+
+    acceptor.metrics.messages_received.inc()
+    clock.advance(SNAPSHOT_INTERVAL)
+    assert metrics_frames() == 1
+    acceptor.backpressure.pauseProducing()
+    for _ in range(5):
+        acceptor.metrics.messages_received.inc()
+        clock.advance(SNAPSHOT_INTERVAL)
+    assert metrics_frames() == 1  # none while the relay process reads nothing
+    acceptor.backpressure.resumeProducing()
+    clock.advance(SNAPSHOT_INTERVAL)
+    assert metrics_frames() == 2  # the latest, once
+    acceptor._snapshots.stop()

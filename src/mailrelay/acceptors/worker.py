@@ -257,7 +257,7 @@ class Acceptor:
         self.backpressure = ReportBackpressure(
             lambda: [] if self._stopping else cast(list[_ListeningPort], self._ports)
         )
-        self._snapshots = task.LoopingCall(self._send_snapshot)
+        self._snapshots = task.LoopingCall(self._send_snapshot_unless_paused)
         self._snapshots.clock = reactor
         self._last_snapshot = b""
         self.exit_code = 0
@@ -267,6 +267,12 @@ class Acceptor:
         # it, the relay process finds the file when it rescans queue/ after our exit. The body
         # stays here: the relay process reads it from the spool (channel.py says why).
         self._channel.send(queued_frame(envelope))
+
+    def _send_snapshot_unless_paused(self) -> None:
+        # While the relay process reads nothing, a snapshot a second would pile up behind the
+        # reports; each replaces the one before, so the first after the pause is enough.
+        if not self.backpressure.paused:
+            self._send_snapshot()
 
     def _send_snapshot(self) -> None:
         data = snapshot(self.metrics.registry)
