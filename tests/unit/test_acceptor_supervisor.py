@@ -128,6 +128,7 @@ class World:
         self.rescans = 0
         self.rescan_tags: list[int] = []
         self.rescan_result: defer.Deferred[int] | None = None
+        self.failing_tags: set[int] = set()  # their rescans always fail
         self.metrics = Metrics()
         self.remote = RemoteSamples()
         self.spawned: list[Spawned] = []
@@ -178,6 +179,8 @@ class World:
         self.rescan_tags.append(tag)
         if self.rescan_result is not None:
             return self.rescan_result
+        if tag in self.failing_tags:
+            return defer.fail(OSError("spool unreadable"))
         return defer.succeed(0)
 
     def start(self) -> None:
@@ -686,3 +689,23 @@ def test_a_report_by_queue_id_reaches_enqueue_id() -> None:
     assert w.enqueued_ids == ["0661425E4A11F2C3D4E5F6"]
     child.send(frame(b"I", b"../etc/passwd"))
     assert child.transport.signals == ["KILL"]
+
+
+def test_a_tag_whose_rescan_has_not_succeeded_is_not_given_again() -> None:
+    w = World(processes=2)
+    w.start()
+    stuck = w.spawned[0].settings.tag
+    w.failing_tags.add(stuck)
+    with LogCapture() as logs:
+        w.spawned[0].end(crashed())
+        for _ in range(300):  # restarts wrap around the 255 tags
+            w.reactor.advance(restart_call(w).getTime() - w.reactor.seconds())
+            assert w.spawned[-1].settings.tag != stuck
+            w.spawned[-1].end(crashed())
+        w.failing_tags.clear()
+        w.reactor.advance(RESCAN_RETRY)  # its rescan succeeds at last: the tag is free again
+        assert stuck not in w.supervisor._rescan_pending
+    for event in logs.events:
+        failure = event.get("log_failure")
+        if isinstance(failure, Failure):
+            failure.trap(OSError)

@@ -168,6 +168,7 @@ class AcceptorSupervisor(service.Service):
         self._spawn = spawn if spawn is not None else reactor.spawnProcess
         self._listening: list[Listening] = []
         self._running: dict[int, _AcceptorProcess] = {}
+        self._rescan_pending: set[int] = set()  # tags of exited acceptors not yet rescanned
         self._restart_delay: dict[int, float] = {}
         self._restarts: dict[int, IDelayedCall] = {}
         self._stopping = False
@@ -244,14 +245,17 @@ class AcceptorSupervisor(service.Service):
         log.info("acceptor {index} started (pid {pid})", index=index, pid=process.pid)
 
     def _new_tag(self) -> int:
-        """A queue ID tag no running acceptor has: each start gets its own, so the rescan after
-        an exit (adopt_unindexed) can tell that process's files from any other's."""
-        in_use = {p.tag for p in self._running.values()}
-        for _ in range(_TAGS):
-            self._last_tag = self._last_tag % _TAGS + 1
-            if self._last_tag not in in_use:
-                break
-        return self._last_tag
+        """A queue ID tag no running acceptor has, nor, while another is free, an exited one
+        whose rescan is still to succeed: each start gets its own, so the rescan after an exit
+        (adopt_unindexed, and the clean-up of tmp/) can tell that process's files from any
+        other's."""
+        running = {p.tag for p in self._running.values()}  # at most 64 of the 255
+        for taken in (running | self._rescan_pending, running):
+            for _ in range(_TAGS):
+                self._last_tag = self._last_tag % _TAGS + 1
+                if self._last_tag not in taken:
+                    return self._last_tag
+        raise AssertionError("more running acceptors than tags")
 
     def _next_delay(self, index: int, lived: float) -> float:
         """The pause before restarting acceptor ``index``: doubling while it dies young."""
@@ -358,6 +362,10 @@ class AcceptorSupervisor(service.Service):
     def _rescan_after_exit(self, index: int, tag: int) -> None:
         if self._stopping:
             return  # the next start indexes the whole spool anyway
+        self._rescan_pending.add(tag)
+
+        def done(_: object) -> None:
+            self._rescan_pending.discard(tag)
 
         def failed(f: Failure) -> None:
             log.failure(
@@ -368,7 +376,7 @@ class AcceptorSupervisor(service.Service):
             )
             self._reactor.callLater(RESCAN_RETRY, self._rescan_after_exit, index, tag)
 
-        self._rescan(tag).addErrback(failed)
+        self._rescan(tag).addCallbacks(done, failed)
 
     @property
     def pids(self) -> dict[int, int | None]:
