@@ -287,7 +287,7 @@ class RelayESMTP(InjectedClockTimeouts, smtp.ESMTP):
             return
         self._shutting_down = True
         if self._mode is _Mode.DATA or self._waiting:
-            return  # _wait_for's resume or _process_input closes after the reply
+            return  # closed after the reply: in _wait_for's resume, or in _process_data
         self._close_for_shutdown()
 
     def _close_for_shutdown(self) -> None:
