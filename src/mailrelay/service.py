@@ -117,12 +117,17 @@ class _SequentialMultiService(service.MultiService):
 
         async def stop_in_turn() -> None:
             for child in children:
-                try:
-                    await defer.maybeDeferred(child.stopService)
-                except Exception:
-                    log.failure("stopping {child} failed", child=child)
+                await _stop_child(child)
 
         return defer.Deferred.fromCoroutine(stop_in_turn())
+
+
+async def _stop_child(child: service.IService) -> None:
+    """Stop one child; a failure is logged, so the siblings still stop."""
+    try:
+        await defer.maybeDeferred(child.stopService)
+    except Exception:
+        log.failure("stopping {child} failed", child=child)
 
 
 class _SideBySideMultiService(service.MultiService):
@@ -131,14 +136,7 @@ class _SideBySideMultiService(service.MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         service.Service.stopService(self)
-
-        async def stop(child: service.IService) -> None:
-            try:
-                await defer.maybeDeferred(child.stopService)
-            except Exception:
-                log.failure("stopping {child} failed", child=child)
-
-        stops = [defer.Deferred.fromCoroutine(stop(child)) for child in reversed(list(self))]
+        stops = [defer.Deferred.fromCoroutine(_stop_child(c)) for c in reversed(list(self))]
         return defer.gatherResults(stops).addCallback(lambda _: None)
 
 
