@@ -10,7 +10,8 @@ and in-flight mail is ready again at once.
 One attempt: load the message and its journal; append a marker (queue ID, time) to the
 spool's attempt log (one write() from the reactor thread, no fsync: a process crash keeps it);
 send the pending recipients through the router; journal every outcome durably; then remove
-the message (all delivered: no journal is written at all), move it to failed/ (all final,
+the message (all delivered: no journal is written at all; the removal is made durable a moment
+later, together with others, see mailrelay.spool.removals), move it to failed/ (all final,
 some failed), or defer it with exponential backoff and jitter until its lifetime runs out.
 When the attempt ends, a second record in the attempt log says so.
 
@@ -53,6 +54,7 @@ from mailrelay.spool.format import (
     StoredMessage,
     last_outcomes,
 )
+from mailrelay.spool.removals import DeliveredRemovals
 from mailrelay.spool.store import HOLD, QUEUE, Spool, is_queue_id, queue_id_tag, queue_id_time
 
 T = TypeVar("T")
@@ -158,6 +160,7 @@ class DeliveryQueue:
         self._rand = rand
         self._reporting_mta = reporting_mta
         self._admin = SpoolAdmin(spool, clock.seconds)
+        self._removals = DeliveredRemovals(clock, spool)
         # The index of queue/. Every indexed ID is in _queued and in exactly one of: the ready
         # FIFO, _due (deferred, with the heap), _active. The FIFO and the heap may hold stale
         # entries (a message held, deleted or rescheduled since); they are skipped when popped.
@@ -315,6 +318,7 @@ class DeliveryQueue:
         self._timer = self._pump_call = None
         await self._router.close()
         await defer.DeferredList(list(self._active.values()))
+        await self._removals.flush()
         self._spool.close_attempt_log()
 
     def depth(self) -> dict[str, int]:
@@ -588,8 +592,9 @@ class DeliveryQueue:
             if unrecorded and not _removable(envelope, final):
                 # Journal before acting: after a crash from here on, a delivered recipient is
                 # never sent again. When the message is about to be removed (every recipient
-                # delivered), the removal (unlink + directory fsync, in _finish) is itself that
-                # durable record, with the same crash window, so the journal write is skipped.
+                # delivered), the removal (in _finish) is itself that record, so the journal
+                # write is skipped: the same window for a crash; for a power cut, longer by the
+                # moment the removal waits for its fsync (see DeliveredRemovals).
                 await self._spool.append_journal(queue_id, unrecorded)
             self._report(queue_id, routed, self._clock.seconds() - started)
 
@@ -762,7 +767,8 @@ class DeliveryQueue:
                 count=len(failed),
             )
         else:
-            await self._spool.remove(queue_id)
+            # Durable within a moment, together with others (see DeliveredRemovals).
+            await self._removals.remove(queue_id)
             self._forget(queue_id)
             self._metrics.messages_delivered.inc()
             self._metrics.delivery_seconds.observe(

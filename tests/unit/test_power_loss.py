@@ -26,7 +26,9 @@ Checked after every run, for every cut point (what reliability.md promises):
   an accepted message with a recipient that failed for good;
 - what the first life completed durably holds: a final outcome whose ``append_journal``
   returned is in the journal after the crash, and that recipient is never sent again; a
-  message whose ``remove``/``move`` out of queue/ returned is never sent again;
+  message whose ``remove``/``move`` out of queue/ returned, or whose ``unlink`` (a delivered
+  message) was followed by an fsync of queue/ that returned, is never sent again; without a
+  cut, every unlinked message is made durably gone by the end of the first life;
 - hence a duplicate only for a delivery made after its recipient's last durable record;
   duplicates are counted;
 - no error logged except the cut itself (no corrupt file, no damaged journal, no crash of an
@@ -366,7 +368,8 @@ class Life:
     queue: DeliveryQueue
     # (queue ID, recipient) -> final status, from durable journal appends that returned
     recorded: dict[tuple[str, str], Status] = field(default_factory=dict)
-    gone: set[str] = field(default_factory=set)  # removed or moved out of queue/, returned
+    gone: set[str] = field(default_factory=set)  # removed or moved out of queue/, durably
+    unlinked: set[str] = field(default_factory=set)  # unlinked from queue/, maybe not durably
 
     @classmethod
     def boot(
@@ -397,9 +400,12 @@ class Life:
         return life, defer.Deferred.fromCoroutine(queue.start())
 
     def _watch(self) -> None:
-        """Record every journal append, removal and move that completed."""
+        """Record every journal append, removal and move that completed; a removal without
+        its fsync (a delivered message) once an fsync of queue/ started after it completed."""
         spool = self.spool
         append, remove, move = spool.append_journal, spool.remove, spool.move
+        unlink, sync_area = spool.unlink, spool.sync_area
+        unlinked = self.unlinked
 
         def append_journal(
             queue_id: str, outcomes: Sequence[Outcome], area: str = QUEUE
@@ -420,9 +426,21 @@ class Life:
                 d.addCallback(lambda _: self.gone.add(queue_id))
             return d
 
+        def unlinked_now(queue_id: str, area: str = QUEUE) -> defer.Deferred[None]:
+            d = unlink(queue_id, area)
+            if area == QUEUE:
+                d.addCallback(lambda _: unlinked.add(queue_id))
+            return d
+
+        def synced(area: str) -> defer.Deferred[None]:
+            covered = set(unlinked) if area == QUEUE else set()
+            return sync_area(area).addCallback(lambda _: self.gone.update(covered))
+
         spool.append_journal = append_journal  # type: ignore[method-assign]
         spool.remove = removed  # type: ignore[method-assign]
         spool.move = moved  # type: ignore[method-assign]
+        spool.unlink = unlinked_now  # type: ignore[method-assign]
+        spool.sync_area = synced  # type: ignore[method-assign]
 
     def run_timers(self, limit: int = 200) -> None:
         """Advance the clock from timer to timer until none is left (or the power is off)."""
@@ -478,6 +496,10 @@ def _run(
                 accepted[env.queue_id] = (env, body)
                 one.clock.advance(rng.choice(STEPS))
         one.run_timers()
+        if not fs.cut and one.unlinked - one.gone:
+            result.violations.append(
+                f"unlinked, never made durably gone: {sorted(one.unlinked - one.gone)}"
+            )
     result.ops = fs.ops
     now = one.clock.seconds() if one is not None else START
     fs.crash()

@@ -24,7 +24,8 @@ from mailrelay.spool.format import (
     attempt_record,
     decode_journal,
 )
-from mailrelay.spool.store import JOURNAL_SUFFIX
+from mailrelay.spool.removals import REMOVAL_SYNC_DELAY
+from mailrelay.spool.store import JOURNAL_SUFFIX, QUEUE
 from tests.unit.fakes import (
     FakeProvider,
     answer_all,
@@ -133,19 +134,24 @@ def test_fully_delivered_message_is_removed_without_a_journal_write(
     w = World(tmp_path)
     w.start()
     steps: list[Any] = []
-    real_append, real_remove = w.spool.append_journal, w.spool.remove
+    real_append, real_unlink, real_sync = w.spool.append_journal, w.spool.unlink, w.spool.sync_area
 
     def append_journal(queue_id: str, outcomes: list[Outcome]) -> defer.Deferred[None]:
         steps.append(("journal", [(o.recipient, o.status) for o in outcomes]))
         return real_append(queue_id, outcomes)
 
-    def remove(queue_id: str) -> defer.Deferred[None]:
+    def unlink(queue_id: str) -> defer.Deferred[None]:
         journal_exists = (w.spool.queue / (queue_id + JOURNAL_SUFFIX)).exists()
-        steps.append(("remove", journal_exists))
-        return real_remove(queue_id)
+        steps.append(("unlink", journal_exists))
+        return real_unlink(queue_id)
+
+    def sync_area(area: str) -> defer.Deferred[None]:
+        steps.append(("sync", area))
+        return real_sync(area)
 
     monkeypatch.setattr(w.spool, "append_journal", append_journal)
-    monkeypatch.setattr(w.spool, "remove", remove)
+    monkeypatch.setattr(w.spool, "unlink", unlink)
+    monkeypatch.setattr(w.spool, "sync_area", sync_area)
     queue_id = w.add(1, (A, B))
     [sent] = w.providers[0].delivered
     assert (sent.queue_id, sent.sender, sent.recipients, sent.body) == (
@@ -156,15 +162,40 @@ def test_fully_delivered_message_is_removed_without_a_journal_write(
     )
     # Every recipient delivered: removing the message is the durable record; no journal is
     # written (nor created) at all. The attempt's start and end went to the attempt log.
-    assert steps == [("remove", False)]
+    # The removal is made durable (queue/ fsynced) a moment later, not before the queue
+    # goes on.
+    assert steps == [("unlink", False)]
+    assert w.queued() == []
+    w.clock.advance(REMOVAL_SYNC_DELAY)
+    assert steps == [("unlink", False), ("sync", QUEUE)]
     assert w.spool.attempts.read_bytes() == (
         ATTEMPTS_MAGIC + attempt_record(queue_id, 0.0) + attempt_done_record(queue_id)
     )
-    assert w.queued() == []
     assert w.area("failed") == []
     assert w.queue.depth() == {"ready": 0, "deferred": 0, "active": 0, "held": 0}
     assert w.metric("mailrelay_messages_delivered_total") == 1
     assert w.metric("mailrelay_recipients_delivered_total", {"provider": "p1"}) == 2
+
+
+def test_stop_makes_the_removals_of_delivered_messages_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = World(tmp_path)
+    w.start()
+    real_sync = w.spool.sync_area
+    syncs: list[tuple[str, list[str]]] = []
+
+    def sync_area(area: str) -> defer.Deferred[None]:
+        syncs.append((area, w.queued()))
+        return real_sync(area)
+
+    monkeypatch.setattr(w.spool, "sync_area", sync_area)
+    w.add(1)
+    w.add(2)
+    assert w.queued() == [] and syncs == []
+    result_of(w.stop())  # before the shared fsync was due
+    assert syncs == [(QUEUE, [])]
+    assert w.clock.getDelayedCalls() == []
 
 
 def test_start_recovers_every_message_in_the_spool(tmp_path: Path) -> None:
@@ -253,8 +284,8 @@ def test_retry_timer_moves_earlier_for_a_message_due_sooner(tmp_path: Path) -> N
     provider.answer = lambda m: (  # type: ignore[assignment]
         attempts.append((w.clock.seconds(), m.queue_id)) or all_results(m, Kind.DELIVERED, "250")
     )
-    advance_to_next_timer(w.clock)
-    advance_to_next_timer(w.clock)
+    w.clock.advance(100)  # t=250 (the timer must have moved to it)
+    w.clock.advance(50)  # t=300
     assert attempts == [(250.0, second), (300.0, first)]
     assert w.queued() == []
 

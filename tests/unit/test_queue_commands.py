@@ -1053,15 +1053,15 @@ def test_a_failure_while_finishing_keeps_the_message_queued_and_tries_it_again(
     provider = FakeProvider("p1")
     w = World(tmp_path, provider)
     w.start()
-    real_remove = w.spool.remove
+    real_unlink = w.spool.unlink
     failures = [OSError(28, "No space left on device")]
 
-    def remove(queue_id: str, area: str = QUEUE) -> defer.Deferred[None]:
+    def unlink(queue_id: str, area: str = QUEUE) -> defer.Deferred[None]:
         if failures:
             return defer.fail(failures.pop())
-        return real_remove(queue_id, area)
+        return real_unlink(queue_id, area)
 
-    monkeypatch.setattr(w.spool, "remove", remove)
+    monkeypatch.setattr(w.spool, "unlink", unlink)
     with LogCapture():
         queue_id = w.add()
     assert w.queued() == [queue_id]

@@ -20,6 +20,9 @@ Layout under the spool path::
 Durability contract: ``MessageWriter.commit`` writes the tmp file, fsyncs it, renames it into
 ``queue/`` and fsyncs the directory; only when that Deferred fires may the server say 250.
 If any step fails the copy is removed and never delivered (no fsync retry: "fsyncgate").
+Every move and removal fsyncs the directories it changed before it returns, but ``unlink``:
+the delivery queue makes the removals of delivered messages durable several at a time
+(mailrelay.spool.removals).
 
 The attempt log is the one file written from the reactor thread: ``mark_attempt`` (and
 ``mark_attempt_done``) is a single ``write()`` of one framed record to a descriptor opened at
@@ -468,12 +471,24 @@ class Spool:
         return self._runner.run(self.remove_now, queue_id, area)
 
     def remove_now(self, queue_id: str, area: str = QUEUE) -> None:
+        self.unlink_now(queue_id, area)
+        self.fs.fsync_directory(self.area(area))
+
+    def unlink(self, queue_id: str, area: str = QUEUE) -> defer.Deferred[None]:
+        return self._runner.run(self.unlink_now, queue_id, area)
+
+    def unlink_now(self, queue_id: str, area: str = QUEUE) -> None:
+        """Remove a message and its journal, not yet durably: until the directory is fsynced
+        (``sync_area``), a power cut may bring them back."""
         # The message goes first: a journal left alone is cleaned up at the next start,
         # a message left without its journal would be sent again.
         directory = self.area(area)
         self.fs.unlink(directory / queue_id, missing_ok=True)
         self.fs.unlink(directory / (queue_id + JOURNAL_SUFFIX), missing_ok=True)
-        self.fs.fsync_directory(directory)
+
+    def sync_area(self, area: str) -> defer.Deferred[None]:
+        """Make every change to an area's directory so far durable (one fsync)."""
+        return self._runner.run(self.fs.fsync_directory, self.area(area))
 
     def move_to_failed(self, queue_id: str) -> defer.Deferred[None]:
         return self.move(queue_id, QUEUE, FAILED)
