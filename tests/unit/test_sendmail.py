@@ -34,6 +34,7 @@ from mailrelay.spool.maildrop import (
     notify_daemon,
     validate,
 )
+from mailrelay.spool.store import ACCEPTOR_TAGS, SENDMAIL_TAG, queue_id_tag
 
 NOW = 1_700_000_000.25
 DATE = formatdate(NOW, localtime=True)
@@ -227,6 +228,12 @@ def test_deposited_file_decodes_to_the_expected_envelope_and_body(run: RunFn) ->
 def test_queue_id_is_time_sortable_from_now(run: RunFn) -> None:
     qid = run(["a@x.test"]).message().envelope.queue_id
     assert qid.startswith(f"{int(NOW * 1_000_000):014X}")
+
+
+def test_queue_id_carries_the_sendmail_tag_no_acceptor_has(run: RunFn) -> None:
+    qid = run(["a@x.test"]).message().envelope.queue_id
+    assert queue_id_tag(qid) == SENDMAIL_TAG
+    assert SENDMAIL_TAG > ACCEPTOR_TAGS
 
 
 def test_8bit_body_is_flagged(run: RunFn) -> None:

@@ -39,6 +39,7 @@ from mailrelay.config import LimitsConfig, SMTPConfig, SpoolConfig
 from mailrelay.inbound.listeners import Listening
 from mailrelay.metrics import Metrics
 from mailrelay.spool.format import Envelope
+from mailrelay.spool.store import ACCEPTOR_TAGS
 
 log = Logger(namespace="mailrelay.acceptors")
 
@@ -49,8 +50,6 @@ STABLE_AFTER = 30.0
 STOP_TIMEOUT = 30.0
 # Seconds before a rescan of queue/ that failed is tried again.
 RESCAN_RETRY = 10.0
-# Queue ID tags of acceptors (spool.store.new_queue_id): 0 is the relay process's.
-_TAGS = 255
 _STDERR_LINE_MAX = 4096
 _FIRST_FD = 3  # the acceptor's listening sockets: 3, 4, ...
 
@@ -249,10 +248,10 @@ class AcceptorSupervisor(service.Service):
         whose rescan is still to succeed: each start gets its own, so the rescan after an exit
         (adopt_unindexed, and the clean-up of tmp/) can tell that process's files from any
         other's."""
-        running = {p.tag for p in self._running.values()}  # at most 64 of the 255
+        running = {p.tag for p in self._running.values()}  # at most 64 of the 254
         for taken in (running | self._rescan_pending, running):
-            for _ in range(_TAGS):
-                self._last_tag = self._last_tag % _TAGS + 1
+            for _ in range(ACCEPTOR_TAGS):
+                self._last_tag = self._last_tag % ACCEPTOR_TAGS + 1
                 if self._last_tag not in taken:
                     return self._last_tag
         raise AssertionError("more running acceptors than tags")

@@ -35,7 +35,7 @@ from mailrelay.spool.maildrop import (
     notify_daemon,
     validate,
 )
-from mailrelay.spool.store import new_queue_id
+from mailrelay.spool.store import SENDMAIL_TAG, new_queue_id
 
 PROG = "mailrelay-sendmail"
 EX_USAGE = 64
@@ -295,7 +295,7 @@ def _send(
     if not recipients:
         raise Refused(EX_USAGE, "no recipients")
 
-    queue_id = new_queue_id(now)
+    queue_id = new_queue_id(now, SENDMAIL_TAG)  # never an acceptor's (see clear_tmp)
     stamp = Stamp(queue_id, hostname, uid, now, sender or default_sender, options.full_name)
     body = complete_message(fields, rest, stamp)
     envelope = Envelope(

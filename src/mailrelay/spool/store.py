@@ -96,6 +96,11 @@ ATTEMPTS = "attempts"
 # Past this size the attempt log is rewritten with only the markers still needed: a record is
 # ~40 bytes, so that is once every ~25 000 attempts.
 ATTEMPT_LOG_LIMIT = 1024 * 1024
+# Queue ID tags (new_queue_id): 0 is the relay process's, 1 to ACCEPTOR_TAGS the acceptor
+# processes', and SENDMAIL_TAG the sendmail command's, so the clean-up after an acceptor's exit
+# (clear_tmp, adopt_unindexed) never takes a message the pickup is moving in from maildrop/.
+ACCEPTOR_TAGS = 254
+SENDMAIL_TAG = 255
 
 
 class SpoolWriteError(Exception):
@@ -149,7 +154,8 @@ def new_queue_id(now: float, tag: int | None = None) -> str:
 
 def queue_id_tag(queue_id: str) -> int:
     """The tag of an ID made with one (new_queue_id): with acceptor processes, 0 for the relay
-    process and each acceptor process's own number for the IDs it made."""
+    process and each acceptor process's own number for the IDs it made; SENDMAIL_TAG for the
+    sendmail command's."""
     return int(queue_id[14:16], 16)
 
 
