@@ -9,8 +9,8 @@ started. One runs at a time. While they fail, one is tried every ``retry`` secon
 Why: each fsync of queue/ is a commit of the file system's journal, and the 250 of every
 message being accepted waits on one such commit (tmp file, rename, fsync of queue/). An fsync
 per removal, in the process that also accepts mail, doubled the commits the acceptances queue
-behind: measured, 1500 x 4 KB messages at concurrency 1 into smtp-sink, alternating pairs,
-medians 121 -> 135 and 132 -> 163 messages a second in two sets of four.
+behind: measured, 1500 x 4 KB messages at concurrency 1 into smtp-sink, four alternating
+pairs, medians 132 -> 163 messages a second (bench/README.md, the fourth push).
 
 What it costs: after a power cut (not a process crash: the kernel already has the unlink), a
 message removed shortly before the cut (``delay``, or the rest of a slow running fsync, plus
