@@ -16,6 +16,7 @@ from mailrelay.outbound.payload import (
     data_payload_pieces,
     normalize_line_endings,
     send_data_payload,
+    stuff_dots,
     unstuff,
 )
 
@@ -225,3 +226,24 @@ def test_cancel_writes_nothing_more_and_unregisters() -> None:
     assert transport.producer is None and producer.finished
     producer.resumeProducing()
     assert transport.value() == written and not written.endswith(b"\r\n.\r\n")
+
+
+@given(st.lists(st.sampled_from([b".", b"..", b"\n", b"\r\n", b"x", b"\r", b" ."]), max_size=40))
+def test_property_stuff_dots_is_the_multiline_substitution(parts: list[bytes]) -> None:
+    """stuff_dots replaced a MULTILINE regex substitution: the same output for any input."""
+    lines = b"".join(parts)
+    assert stuff_dots(lines) == re.sub(rb"^\.", b"..", lines, flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    ("lines", "stuffed"),
+    [
+        (b"", b""),
+        (b".", b".."),
+        (b".\r\n.\r\n", b"..\r\n..\r\n"),
+        (b"a.\r\n.b\r\n", b"a.\r\n..b\r\n"),
+        (b"no dots\r\n", b"no dots\r\n"),
+    ],
+)
+def test_stuff_dots(lines: bytes, stuffed: bytes) -> None:
+    assert stuff_dots(lines) == stuffed

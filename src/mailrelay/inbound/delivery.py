@@ -176,14 +176,15 @@ class RelayDelivery:
             raise smtp.SMTPServerError(
                 451, "4.3.0 Local error: cannot write to the spool"
             ) from None
-        self._received_header = self._make_received_header(envelope, now)
+        date = message_date(now)  # (formatted once: ~17 us)
+        self._received_header = self._make_received_header(envelope, date)
         writer.write(self._received_header)
         headers = HeaderCompleter(
-            date=message_date(now), message_id=message_id(envelope.queue_id, self._hostname)
+            date=date, message_id=message_id(envelope.queue_id, self._hostname)
         )
         return IncomingMessage(writer, self._accepted, headers)
 
-    def _make_received_header(self, envelope: Envelope, now: float) -> bytes:
+    def _make_received_header(self, envelope: Envelope, date: str) -> bytes:
         # The protocol only checked HELO to be printable ASCII without spaces, up to 255
         # octets: "(", ")", ";" or "[" in it could break the header's structure.
         for_clause = (
@@ -194,7 +195,7 @@ class RelayDelivery:
             f" ([{sanitize_host(envelope.client)}])\r\n"
             f"\tby {self._hostname} (mailrelay) with ESMTP id {envelope.queue_id}"
             f"{for_clause};\r\n"
-            f"\t{message_date(now)}\r\n"
+            f"\t{date}\r\n"
         )
         return header.encode("ascii")
 

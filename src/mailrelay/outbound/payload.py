@@ -18,7 +18,6 @@ from zope.interface import implementer
 from mailrelay.netwrite import write_now
 
 _ANY_LINE_END = re.compile(rb"\r\n|\r|\n")
-_LINE_STARTING_WITH_DOT = re.compile(rb"^\.", re.MULTILINE)
 
 
 def normalize_line_endings(body: bytes) -> bytes:
@@ -52,11 +51,19 @@ def data_payload_pieces(body: bytes, piece: int = PIECE) -> Iterator[bytes]:
             if cut < 0:
                 cut = body.find(b"\r\n", end)
             end = size if cut < 0 else cut + 2
-        yield _LINE_STARTING_WITH_DOT.sub(b"..", body[start:end])
+        yield stuff_dots(body[start:end])
         start = end
     if body and not body.endswith(b"\r\n"):
         yield b"\r\n"
     yield b".\r\n"
+
+
+def stuff_dots(lines: bytes) -> bytes:
+    """One more '.' at the start of every line of ``lines`` (which starts at a line start) that
+    starts with one: the same as a MULTILINE ``^[.]`` substitution, at a fraction of its cost
+    (two C-level passes; the regex was ~2% of the relay process's reactor thread)."""
+    stuffed = lines.replace(b"\n.", b"\n..")
+    return b"." + stuffed if stuffed.startswith(b".") else stuffed
 
 
 def build_data_payload(body: bytes) -> bytes:

@@ -80,7 +80,17 @@ class Envelope:
     body_8bit: bool = False
 
     def to_json(self) -> bytes:
-        return json.dumps(attrs.asdict(self), separators=(",", ":")).encode()
+        # Spelled out: attrs.asdict took ~10x as long (twice a message with acceptors).
+        fields = {
+            "queue_id": self.queue_id,
+            "sender": self.sender,
+            "recipients": list(self.recipients),
+            "received_at": self.received_at,
+            "client": self.client,
+            "helo": self.helo,
+            "body_8bit": self.body_8bit,
+        }
+        return json.dumps(fields, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
