@@ -22,7 +22,9 @@ only, ports chosen at random.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
     BenchError,
+    CountingSink,
     cpu_ticks,
     free_ports,
     start_relay,
@@ -43,7 +46,6 @@ from bench.common import (  # noqa: E402
     tool,
     tree_cpu_ticks,
 )
-from tests.support.net import wait_for_port  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -77,8 +79,9 @@ def serve(port: int) -> None:
             out = []
             while True:
                 if self.in_data:
-                    end = self.buffer.find(b"\r\n.\r\n")
+                    end = self.buffer.find(b"\r\n.\r\n", self.searched)
                     if end < 0:
+                        self.searched = max(0, len(self.buffer) - 4)  # not again next read
                         break
                     self.buffer = self.buffer[end + 5 :]
                     self.in_data = False
@@ -91,6 +94,7 @@ def serve(port: int) -> None:
                 verb = line[:4].upper()
                 if verb == b"DATA":
                     self.in_data = True
+                    self.searched = 0
                     # The body search above needs the CRLF before a dot on the first line.
                     self.buffer = b"\r\n" + self.buffer
                     out.append(b"354 go ahead\r\n")
@@ -110,14 +114,24 @@ def serve(port: int) -> None:
     reactor.run()  # type: ignore[attr-defined]
 
 
-def send(port: int, messages: int, connections: int, size: int) -> None:
+def send(port: int, messages: int, connections: int, size: int) -> int:
+    """Exit status 0 when every message got a 250 to its final dot; prints its CPU (from
+    after its start-up) for the parent."""
     from twisted.internet import defer, protocol, reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
     from twisted.internet.interfaces import ITCPTransport
 
     body = b"Subject: floor\r\n\r\n" + (b"x" * 76 + b"\r\n") * max(1, size // 78) + b".\r\n"
     envelope = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
     left = [messages]
+    errors: list[str] = []
+    open_connections = [connections]
     done: defer.Deferred[None] = defer.Deferred()
+
+    def closed() -> None:
+        open_connections[0] -= 1
+        if open_connections[0] == 0 and not done.called:
+            done.callback(None)
 
     class Sender(protocol.Protocol):
         def connectionMade(self) -> None:
@@ -126,10 +140,11 @@ def send(port: int, messages: int, connections: int, size: int) -> None:
                 transport.setTcpNoDelay(True)
             self.buffer = b""
             self.expect = 2  # banner, EHLO
+            self.sending = False  # the body is out: the next reply is to the final dot
             transport.write(b"EHLO floor\r\n")
 
         def next_message(self) -> None:
-            if left[0] == 0:
+            if left[0] == 0 or errors:
                 self.transport.write(b"QUIT\r\n")
                 self.expect = -1
                 return
@@ -144,108 +159,76 @@ def send(port: int, messages: int, connections: int, size: int) -> None:
                 if end < 0:
                     return
                 line, self.buffer = self.buffer[:end], self.buffer[end + 2 :]
-                if line[3:4] == b"-":
-                    continue  # a multiline reply goes on
-                if self.expect == -1:
-                    return
+                if line[3:4] == b"-" or self.expect == -1:
+                    continue  # a multiline reply goes on, or the 221
                 self.expect -= 1
-                if self.expect == 0:
-                    if line.startswith(b"354"):
-                        self.expect = 1  # the reply to the final dot
-                        self.transport.write(body)
-                    else:  # the EHLO reply, or the one to the final dot
-                        self.next_message()
+                if self.expect:
+                    continue
+                if self.sending and not line.startswith(b"250"):
+                    errors.append(f"final dot: {line!r}")
+                if not self.sending and line.startswith(b"354"):
+                    self.sending, self.expect = True, 1
+                    self.transport.write(body)
+                else:
+                    self.sending = False  # the EHLO reply, or the one to the final dot
+                    self.next_message()
 
         def connectionLost(self, reason: object) -> None:
-            open_connections[0] -= 1
-            if open_connections[0] == 0 and not done.called:
-                done.callback(None)
+            closed()
 
-    open_connections = [connections]
-    # Its own CPU from here (imports and start-up left out), printed for the parent.
-    start = os.times()
+    def refused(failure: Any) -> None:
+        errors.append(f"connect: {failure.getErrorMessage()}")
+        closed()
+
+    start = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.monotonic()
 
     def report(_: object) -> None:
-        end = os.times()
-        cpu = end.user - start.user + end.system - start.system
-        print(f"cpu {cpu} elapsed {end.elapsed - start.elapsed}", flush=True)
+        end = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = end.ru_utime - start.ru_utime + end.ru_stime - start.ru_stime
+        print(f"cpu {cpu} elapsed {time.monotonic() - started}", flush=True)
+        reactor.stop()  # type: ignore[attr-defined]
 
     done.addCallback(report)
-    creator = protocol.ClientCreator(reactor, Sender)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     for _ in range(connections):
-        creator.connectTCP("127.0.0.1", port)
-    done.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+        connectProtocol(endpoint, Sender()).addErrback(refused)
     reactor.run()  # type: ignore[attr-defined]
+    for error in errors[:5]:
+        print(error, file=sys.stderr)
+    return 1 if errors else 0
 
 
 # -- the measurement ------------------------------------------------------------------------------
 
 
-def wait_ready(process: subprocess.Popen[str]) -> None:
+def start_floor_server(stack: contextlib.ExitStack) -> tuple[int, int]:
+    """The bare inbound server in a process of its own: (port, pid)."""
+    (port,) = free_ports(1)
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(port)], stdout=subprocess.PIPE, text=True
+    )
+    stack.callback(stop_process, process)
     assert process.stdout is not None
     line = process.stdout.readline()
     if line.strip() != "ready":
-        raise BenchError(f"the server did not start: {line!r}")
+        raise BenchError(f"the bare server did not start: {line!r}")
+    return port, process.pid
 
 
-def run_inbound(
-    server: str, messages: int, clients: int, size: int, timeout: float
-) -> tuple[float, float]:
-    """msg/s and the server's CPU ms per message, smtp-source -> ``server``."""
-    (port,) = free_ports(1)
-    process: subprocess.Popen[Any]
-    if server == "twisted":
-        process = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(port)], stdout=subprocess.PIPE, text=True
-        )
-        wait_ready(process)
-    else:
-        process = sink_process(port)
-    try:
-        before = cpu_ticks(process.pid)
-        started = time.monotonic()
-        run_smtp_source(port, messages, clients, size, timeout)
-        elapsed = time.monotonic() - started
-        after = cpu_ticks(process.pid)
-        if before is None or after is None:
-            raise BenchError(f"the {server} server exited during the run")
-        return messages / elapsed, (after - before) * 1000 / TICK / messages
-    finally:
+def stop_process(process: subprocess.Popen[Any]) -> None:
+    if process.poll() is None:
         process.terminate()
-        process.wait()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
-def run_outbound(messages: int, connections: int, size: int, timeout: float) -> tuple[float, float]:
-    """msg/s and the bare Twisted client's CPU ms per message, client -> smtp-sink."""
-    (port,) = free_ports(1)
-    sink = sink_process(port)
-    try:
-        numbers = (port, messages, connections, size)
-        client = subprocess.run(
-            [sys.executable, __file__, "--send", *map(str, numbers)],
-            timeout=timeout,
-            capture_output=True,
-            text=True,
-        )
-        reported = [line for line in client.stdout.splitlines() if line.startswith("cpu ")]
-        if client.returncode != 0 or not reported:
-            raise BenchError(f"the sending client failed ({client.returncode}): {client.stderr}")
-        _, cpu_text, _, elapsed_text = reported[-1].split()
-        cpu, elapsed = float(cpu_text), float(elapsed_text)
-        return messages / elapsed, cpu * 1000 / messages
-    finally:
-        sink.terminate()
-        sink.wait()
-
-
-def sink_process(port: int) -> subprocess.Popen[bytes]:
-    sink = tool("smtp-sink")
-    assert sink is not None
-    process = subprocess.Popen(
-        [sink, "-u", "postfix", f"127.0.0.1:{port}", "512"], stdout=subprocess.DEVNULL
-    )
-    wait_for_port("127.0.0.1", port)
-    return process
+def start_sink(stack: contextlib.ExitStack) -> CountingSink:
+    """smtp-sink, counting the final dots it answered (stopped when ``stack`` closes)."""
+    return stack.enter_context(CountingSink())
 
 
 def run_smtp_source(port: int, messages: int, clients: int, size: int, timeout: float) -> None:
@@ -263,14 +246,57 @@ def run_smtp_source(port: int, messages: int, clients: int, size: int, timeout: 
     )
 
 
+def run_inbound(
+    server: str, messages: int, clients: int, size: int, timeout: float
+) -> tuple[float, float]:
+    """msg/s and the server's CPU ms per message, smtp-source -> ``server``."""
+    with contextlib.ExitStack() as stack:
+        if server == "twisted":
+            port, pid = start_floor_server(stack)
+        else:
+            sink = start_sink(stack)
+            port, pid = sink.port, sink.pid or 0
+        before = cpu_ticks(pid)
+        started = time.monotonic()
+        run_smtp_source(port, messages, clients, size, timeout)
+        elapsed = time.monotonic() - started
+        after = cpu_ticks(pid)
+        if before is None or after is None:
+            raise BenchError(f"the {server} server exited during the run")
+        return messages / elapsed, (after - before) * 1000 / TICK / messages
+
+
+def run_outbound(messages: int, connections: int, size: int, timeout: float) -> tuple[float, float]:
+    """msg/s and CPU ms per message of the bare client (both from after its start-up),
+    client -> smtp-sink."""
+    with contextlib.ExitStack() as stack:
+        sink = start_sink(stack)
+        numbers = (sink.port, messages, connections, size)
+        client = subprocess.run(
+            [sys.executable, __file__, "--send", *map(str, numbers)],
+            timeout=timeout,
+            capture_output=True,
+            text=True,
+        )
+        reported = [line for line in client.stdout.splitlines() if line.startswith("cpu ")]
+        if client.returncode != 0 or not reported:
+            raise BenchError(f"the sending client failed ({client.returncode}): {client.stderr}")
+        if sink.wait_transactions(messages, timeout=10) is None:
+            raise BenchError(f"smtp-sink counted {sink.transactions()} of {messages} messages")
+        _, cpu_text, _, elapsed_text = reported[-1].split()
+        return messages / float(elapsed_text), float(cpu_text) * 1000 / messages
+
+
 def run_mailrelay(
     messages: int, clients: int, size: int, timeout: float, processes: int
 ) -> tuple[float, float]:
     """End-to-end msg/s and mailrelay's CPU ms per message (all its processes): smtp-source
-    -> mailrelay -> smtp-sink, until queue/ is empty."""
-    port, http_port, sink_port = free_ports(3)
-    with tempfile.TemporaryDirectory(prefix="floor-") as scratch:
-        run_dir = Path(scratch)
+    -> mailrelay -> smtp-sink, until the sink has counted every message and queue/ is empty.
+    A warm-up batch first, so the acceptor processes' start-up is not counted."""
+    with contextlib.ExitStack() as stack:
+        run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="floor-")))
+        sink = start_sink(stack)
+        port, http_port = free_ports(2)
         spool = run_dir / "spool"
         config = (
             f"[smtp]\nlisten = [{toml_str(f'tcp:{port}:interface=127.0.0.1:backlog=512')}]\n"
@@ -279,28 +305,34 @@ def run_mailrelay(
             f"[http]\nlisten = {toml_str(f'tcp:{http_port}:interface=127.0.0.1')}\n"
             f"[spool]\npath = {toml_str(str(spool))}\n"
             '[[providers]]\nname = "sink"\nhost = "127.0.0.1"\n'
-            f'port = {sink_port}\ntls = "none"\n'
+            f'port = {sink.port}\ntls = "none"\n'
         )
-        sink = sink_process(sink_port)
         relay = start_relay(run_dir, config, port)
-        try:
-            before = tree_cpu_ticks(relay.pid)
-            started = time.monotonic()
-            run_smtp_source(port, messages, clients, size, timeout)
-            deadline = started + timeout
+        stack.callback(relay.stop)
+
+        def delivered(expected: int, deadline: float) -> None:
+            if (
+                sink.wait_transactions(expected, timeout=max(0.0, deadline - time.monotonic()))
+                is None
+            ):
+                raise BenchError(f"smtp-sink counted {sink.transactions()} of {expected} messages")
             while any((spool / "queue").iterdir()):
                 if time.monotonic() > deadline:
-                    raise BenchError("mailrelay did not deliver everything in time")
-                time.sleep(0.01)
-            elapsed = time.monotonic() - started
-            after = tree_cpu_ticks(relay.pid)
-            if before is None or after is None:
-                raise BenchError("mailrelay exited during the run")
-            return messages / elapsed, (after - before) * 1000 / TICK / messages
-        finally:
-            relay.stop()
-            sink.terminate()
-            sink.wait()
+                    raise BenchError("mailrelay delivered, but queue/ is not empty")
+                time.sleep(0.005)
+
+        warm_up = max(clients * 10, 100)
+        run_smtp_source(port, warm_up, clients, size, timeout)
+        delivered(warm_up, time.monotonic() + timeout)
+        before = tree_cpu_ticks(relay.pid)
+        started = time.monotonic()
+        run_smtp_source(port, messages, clients, size, timeout)
+        delivered(warm_up + messages, started + timeout)
+        elapsed = time.monotonic() - started
+        after = tree_cpu_ticks(relay.pid)
+        if before is None or after is None:
+            raise BenchError("mailrelay exited during the run")
+        return messages / elapsed, (after - before) * 1000 / TICK / messages
 
 
 def main() -> int:
@@ -308,8 +340,7 @@ def main() -> int:
         serve(int(sys.argv[2]))
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "--send":
-        send(*(int(a) for a in sys.argv[2:6]))
-        return 0
+        return send(*(int(a) for a in sys.argv[2:6]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=4000)
     parser.add_argument("--clients", type=int, default=10, help="smtp-source -s [10]")

@@ -59,6 +59,10 @@ class ServerProcess(ServerHandle):
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM the server (unless it has exited) and wait for it, SIGKILL after `timeout`
         seconds; returns its exit status (0 on a clean stop), None if it never started."""
