@@ -41,6 +41,8 @@ from bench.common import (  # noqa: E402
     CountingSink,
     cpu_ticks,
     free_ports,
+    run_smtp_source,
+    smtp_source_command,
     start_relay,
     toml_str,
     tool,
@@ -231,19 +233,22 @@ def start_sink(stack: contextlib.ExitStack) -> CountingSink:
     return stack.enter_context(CountingSink())
 
 
-def run_smtp_source(port: int, messages: int, clients: int, size: int, timeout: float) -> None:
+def load_port(port: int, messages: int, clients: int, size: int, timeout: float) -> None:
+    """smtp-source's load to ``port`` (bench.common's runner: it also checks the count)."""
     source = tool("smtp-source")
     assert source is not None
-    subprocess.run(
-        [
-            source,
-            *("-l", str(size), "-m", str(messages), "-s", str(clients)),
-            *("-f", "a@example.com", "-t", "b@example.com", f"127.0.0.1:{port}"),
-        ],
-        check=True,
-        timeout=timeout,
-        stdout=subprocess.DEVNULL,
+    command = smtp_source_command(
+        source,
+        port,
+        size=size,
+        messages=messages,
+        sessions=clients,
+        mail_from="a@example.com",
+        rcpt_to="b@example.com",
     )
+    load = run_smtp_source(command, messages, timeout)
+    if load.problem:
+        raise BenchError(load.problem)
 
 
 def run_inbound(
@@ -258,7 +263,7 @@ def run_inbound(
             port, pid = sink.port, sink.pid or 0
         before = cpu_ticks(pid)
         started = time.monotonic()
-        run_smtp_source(port, messages, clients, size, timeout)
+        load_port(port, messages, clients, size, timeout)
         elapsed = time.monotonic() - started
         after = cpu_ticks(pid)
         if before is None or after is None:
@@ -322,11 +327,11 @@ def run_mailrelay(
                 time.sleep(0.005)
 
         warm_up = max(clients * 10, 100)
-        run_smtp_source(port, warm_up, clients, size, timeout)
+        load_port(port, warm_up, clients, size, timeout)
         delivered(warm_up, time.monotonic() + timeout)
         before = tree_cpu_ticks(relay.pid)
         started = time.monotonic()
-        run_smtp_source(port, messages, clients, size, timeout)
+        load_port(port, messages, clients, size, timeout)
         delivered(warm_up + messages, started + timeout)
         elapsed = time.monotonic() - started
         after = tree_cpu_ticks(relay.pid)
