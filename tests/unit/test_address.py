@@ -237,3 +237,51 @@ def test_parse_mail_and_parse_rcpt_only_raise_address_error(tail: bytes) -> None
     for parse, prefix in ((parse_mail, b"FROM:"), (parse_rcpt, b"TO:")):
         with contextlib.suppress(AddressError):
             parse(prefix + tail)
+
+
+# -- the shortcuts in the parser agree with the plain definitions ---------------------------------
+
+
+def _closing_bracket_by_scan(rest: bytes) -> int | None:
+    """The '>' that closes a path, octet by octet (quoted strings and their escapes skipped)."""
+    in_quotes = escaped = False
+    for i, c in enumerate(rest):
+        if escaped:
+            escaped = False
+        elif c == 0x5C and in_quotes:
+            escaped = True
+        elif c == 0x22:
+            in_quotes = not in_quotes
+        elif c == 0x3E and not in_quotes:
+            return i
+    return None
+
+
+@given(_address_bytes)
+def test_the_path_ends_where_a_quote_aware_scan_says(tail: bytes) -> None:
+    end = _closing_bracket_by_scan(tail)
+    try:
+        command = parse_rcpt(b"TO:<" + tail)
+    except AddressError as e:
+        if end is None:
+            assert e.text == "Syntax error: missing '>'"
+        return
+    assert end is not None
+    mailbox = parse_mailbox(b"<" + tail[: end + 1], allow_null=False)
+    assert command.recipient == mailbox
+
+
+@pytest.mark.parametrize("octet", range(256))
+def test_each_octet_outside_printable_ascii_is_refused_with_its_reply(octet: int) -> None:
+    path = b"<a" + bytes([octet]) + b"b@example.com>"
+    if 0x20 <= octet < 0x7F:
+        with contextlib.suppress(AddressError):
+            parse_mailbox(path, allow_null=False)
+        return
+    with pytest.raises(AddressError) as raised:
+        parse_mailbox(path, allow_null=False)
+    if octet < 0x20 or octet == 0x7F:
+        assert (raised.value.code, raised.value.status) == (501, "5.1.3")
+        assert raised.value.text == "Control characters are not allowed in an address"
+    else:
+        assert (raised.value.code, raised.value.status) == (553, "5.6.7")
