@@ -20,10 +20,10 @@ from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
 
+from mailrelay.logger import Logger
 from mailrelay.spool.admin import QueueCommandError, QueueEntry, SpoolAdmin
 
 log = Logger()

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+
+from mailrelay.logger import Logger
 
 # How long one statvfs answer is reused. A burst of pipelined MAIL commands (hundreds a second
 # from a busy application) then costs one system call a second; free space does not move fast

@@ -15,8 +15,8 @@ from typing import Protocol
 import attrs
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
+from mailrelay.logger import Logger
 from mailrelay.outbound.activity import Activity, FailedRecipient, ProviderEvent
 from mailrelay.outbound.results import IProvider
 from mailrelay.queue import QueuedMessage

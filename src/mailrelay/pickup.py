@@ -25,10 +25,10 @@ from pathlib import Path
 import attrs
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.config import SMTPConfig
+from mailrelay.logger import Logger
 from mailrelay.metrics import Metrics
 from mailrelay.spool.format import CorruptSpoolFile, Envelope, decode_message, encode_message
 from mailrelay.spool.fs import NotRegularFile, open_regular_file

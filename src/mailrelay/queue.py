@@ -38,10 +38,11 @@ from typing import Any, TypeVar
 import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger, LogLevel
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from mailrelay.bounce import build_dsn
+from mailrelay.logger import Logger
 from mailrelay.metrics import Metrics
 from mailrelay.outbound.results import Kind, OutboundMessage
 from mailrelay.outbound.router import RoutedResult, Router

@@ -18,7 +18,7 @@ from typing import Any
 from twisted.application import internet, service, strports
 from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXServerEndpoint
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import ILogObserver
 from twisted.python import components, usage
 
 from mailrelay import __version__
@@ -50,6 +50,7 @@ from mailrelay.diskspace import FreeSpace
 from mailrelay.inbound.factory import RelaySMTPFactory
 from mailrelay.inbound.listeners import SMTPListeners
 from mailrelay.logformat import LogSettings, twistd_log_observer
+from mailrelay.logger import Logger
 from mailrelay.metrics import Metrics
 from mailrelay.monitor import Monitor
 from mailrelay.outbound.activity import Activity

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from pathlib import Path
 
 import pytest
 from twisted.application import service
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, Logger, LogLevel, formatEventAsClassicLogText
-from twisted.python import usage
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    formatEvent,
+    formatEventAsClassicLogText,
+)
+from twisted.python import threadable, usage
 from twisted.python.failure import Failure
 
 from mailrelay.config import parse
@@ -20,9 +27,11 @@ from mailrelay.logformat import (
     LineObserver,
     LineSink,
     LogSettings,
+    _in_reactor_thread,
     _StampCache,
     classic_text,
     event_as_json,
+    event_text,
     json_observer,
     twistd_log_observer,
 )
@@ -163,6 +172,29 @@ def test_classic_text_is_twistds_line() -> None:
     render = classic_text(_StampCache())
     for event in classic_events():
         assert render(event) == formatEventAsClassicLogText(event), event
+
+
+def test_event_text_is_twisteds_text() -> None:
+    extra = [
+        {"log_format": "{x:.3f}", "x": "not a number"},
+        {"log_format": "{e.args[0]} {d[k]}", "e": ValueError("v"), "d": {"k": 1}},
+        {"log_format": None},
+        {"log_format": b"bytes {x}", "x": 1},
+    ]
+    for event in classic_events() + extra:
+        assert event_text(event) == formatEvent(event), event
+
+
+def test_the_reactor_thread_is_told_as_twisted_tells_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threadable, "ioThread", threading.get_ident())
+    seen: list[tuple[bool, bool]] = []
+    thread = threading.Thread(
+        target=lambda: seen.append((_in_reactor_thread(), threadable.isInIOThread()))
+    )
+    thread.start()
+    thread.join()
+    seen.append((_in_reactor_thread(), threadable.isInIOThread()))
+    assert seen == [(False, False), (True, True)]
 
 
 def test_lines_are_written_once_per_reactor_turn() -> None:

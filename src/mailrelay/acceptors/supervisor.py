@@ -20,7 +20,7 @@ import attrs
 from twisted.application import service
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPublisher
+from twisted.logger import InvalidLogLevelError, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
 from mailrelay.acceptors.channel import (
@@ -37,6 +37,7 @@ from mailrelay.acceptors.samples import RemoteSamples
 from mailrelay.acceptors.worker import AcceptorSettings, InheritedListener
 from mailrelay.config import LimitsConfig, SMTPConfig, SpoolConfig
 from mailrelay.inbound.listeners import Listening
+from mailrelay.logger import Logger
 from mailrelay.metrics import Metrics
 from mailrelay.spool.format import Envelope
 from mailrelay.spool.store import ACCEPTOR_TAGS

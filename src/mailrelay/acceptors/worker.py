@@ -39,7 +39,7 @@ from twisted.internet.interfaces import (
     IListeningPort,
     IPushProducer,
 )
-from twisted.logger import ILogObserver, Logger, formatEvent, globalLogBeginner
+from twisted.logger import ILogObserver, globalLogBeginner
 from twisted.python import threadable
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -57,7 +57,8 @@ from mailrelay.blocking import IO_THREADS, IOThreads
 from mailrelay.config import LimitsConfig, SMTPConfig, SpoolConfig, per_process_share
 from mailrelay.diskspace import FreeSpace
 from mailrelay.inbound.factory import ProxyHeaderFactory, RelaySMTPFactory
-from mailrelay.logformat import is_plain
+from mailrelay.logformat import event_text, is_plain
+from mailrelay.logger import Logger
 from mailrelay.metrics import Metrics
 from mailrelay.netwrite import write_now
 from mailrelay.spool.format import Envelope
@@ -115,7 +116,7 @@ def _forwarded(event: dict[str, Any]) -> bytes | None:
     """A log event as the relay process re-emits it: its text, formatted here (fields that are
     not plain values do not cross), and its plain fields for JSON logs."""
     level = event.get("log_level")
-    text = formatEvent(event)
+    text = event_text(event)
     failure = event.get("log_failure")
     record: dict[str, Any] = {}
     if isinstance(failure, Failure):

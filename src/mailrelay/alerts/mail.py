@@ -18,10 +18,10 @@ from email.utils import format_datetime
 import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
 from mailrelay.alerts.rules import ChannelError, Notice
 from mailrelay.humanize import utc
+from mailrelay.logger import Logger
 from mailrelay.outbound.results import IProvider, Kind, OutboundMessage, RecipientResult
 
 # RFC 5322 2.1.1: a line is at most 998 octets plus CRLF.

@@ -16,11 +16,11 @@ from typing import Any, Literal, Protocol
 import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay import __version__
 from mailrelay.humanize import age, size
+from mailrelay.logger import Logger
 from mailrelay.metrics import Metrics
 from mailrelay.monitor import Reading
 

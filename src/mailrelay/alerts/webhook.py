@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
@@ -24,6 +23,7 @@ from zope.interface import implementer
 
 from mailrelay import __version__
 from mailrelay.alerts.rules import ChannelError, Notice
+from mailrelay.logger import Logger
 
 # What is read of a response body; the rest is not downloaded (the connection is closed), so
 # a hostile or broken endpoint cannot grow our memory or hold the attempt open.

@@ -20,11 +20,11 @@ from typing import Any
 import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IReactorTime
-from twisted.logger import Logger
 from twisted.mail import smtp
 from zope.interface import implementer
 
 from mailrelay.inbound.headers import HeaderCompleter, message_date, message_id, sanitize_host
+from mailrelay.logger import Logger
 from mailrelay.metrics import Metrics
 from mailrelay.netaddr import IPNetwork, peer_allowed
 from mailrelay.spool.format import Envelope

@@ -28,7 +28,6 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
-from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
@@ -40,6 +39,7 @@ from mailrelay.config import LimitsConfig, SMTPConfig
 from mailrelay.diskspace import FreeSpace
 from mailrelay.inbound.delivery import RelayDelivery
 from mailrelay.inbound.protocol import RelayESMTP
+from mailrelay.logger import Logger
 from mailrelay.metrics import Metrics
 from mailrelay.netaddr import IPNetwork, canonical_peer, parse_network, peer_allowed, peer_key
 from mailrelay.netwrite import write_now

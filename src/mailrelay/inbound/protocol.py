@@ -36,7 +36,6 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ITCPTransport,
 )
-from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -46,6 +45,7 @@ from mailrelay.clock import InjectedClockTimeouts
 from mailrelay.config import SMTPConfig
 from mailrelay.diskspace import FreeSpace
 from mailrelay.inbound.delivery import IIncomingMessage, IRelayDelivery, Transaction
+from mailrelay.logger import Logger
 from mailrelay.metrics import Metrics
 from mailrelay.netaddr import peer_key
 from mailrelay.netwrite import write_now

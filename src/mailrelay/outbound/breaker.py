@@ -16,7 +16,8 @@ from collections.abc import Callable
 from enum import Enum
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+
+from mailrelay.logger import Logger
 
 
 class BreakerState(Enum):

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.blocking import BlockingRunner
 from mailrelay.config import ProviderConfig
+from mailrelay.logger import Logger
 from mailrelay.outbound.results import (
     IProvider,
     Kind,

@@ -41,11 +41,11 @@ import attrs
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.config import ProviderConfig
+from mailrelay.logger import Logger
 from mailrelay.metrics import Metrics
 from mailrelay.outbound.breaker import BreakerState, CircuitBreaker
 from mailrelay.outbound.client import RelayClient

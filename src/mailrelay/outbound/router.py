@@ -23,8 +23,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import attrs
 from twisted.internet import defer
-from twisted.logger import Logger
 
+from mailrelay.logger import Logger
 from mailrelay.outbound.activity import Activity
 from mailrelay.outbound.results import IProvider, Kind, OutboundMessage, RecipientResult
 

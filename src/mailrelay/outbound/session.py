@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
 from mailrelay.config import ProviderConfig
+from mailrelay.logger import Logger
 from mailrelay.outbound.results import FailureClass
 
 # One namespace for the whole client, whichever module logs. Module level: SMTPClient already

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailrelay.logger import Logger
 from mailrelay.spool.store import QUEUE, Spool
 
 # How long a removal may wait for the fsync that makes it durable.

@@ -53,10 +53,10 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.blocking import BlockingRunner
+from mailrelay.logger import Logger
 from mailrelay.spool.format import (
     ATTEMPTS_MAGIC,
     JOURNAL_MAGIC,
