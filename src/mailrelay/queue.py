@@ -689,10 +689,13 @@ class DeliveryQueue:
         )
 
     def _report(self, queue_id: str, routed: list[RoutedResult], elapsed: float) -> None:
+        # Counted once per provider, not per recipient: a labels() lookup is not cheap.
+        delivered = [r.provider for r in routed if r.result.kind is Kind.DELIVERED]
+        for provider in set(delivered):
+            self._metrics.recipients_delivered.labels(provider).inc(delivered.count(provider))
         for r in routed:
             result = r.result
             if result.kind is Kind.DELIVERED:
-                self._metrics.recipients_delivered.labels(r.provider).inc()
                 # The upstream's own ID is a field of its own, for log searches that start
                 # from the provider's side ("where is their message 0100018c...?").
                 self.log.info(

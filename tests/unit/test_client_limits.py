@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import error
 from twisted.internet.address import IPv6Address
 from twisted.mail import smtp
@@ -15,6 +17,7 @@ from mailrelay.outbound.replies import (
     MAX_LINE_LENGTH,
     MAX_REPLY_LINES,
     MAX_REPLY_TEXT,
+    REDACTED,
     _clean_text,
 )
 from mailrelay.outbound.results import FailureClass, Kind
@@ -219,6 +222,25 @@ def test_control_characters_in_a_reply_become_question_marks() -> None:
 def test_whitespace_is_collapsed_before_control_characters_are_replaced() -> None:
     assert _clean_text(b"a\r\n\tb \x0b\x0c c\x1cd") == "a b c d"
     assert _clean_text("x\x1by") == "x?y"
+
+
+def _clean_text_by_definition(text: str, secrets: list[str]) -> str:
+    def redact(text: str) -> str:
+        for secret in sorted(secrets, key=len, reverse=True):
+            if secret:
+                text = text.replace(secret, REDACTED)
+        return text
+
+    text = redact(" ".join(redact(text).split()))
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+@given(
+    st.text(st.characters(max_codepoint=0x2100), max_size=60),
+    st.lists(st.text(st.sampled_from("ab \n\x1b"), max_size=4), max_size=3, unique=True),
+)
+def test_the_shortcuts_of_clean_text_change_nothing(text: str, secrets: list[str]) -> None:
+    assert _clean_text(text, secrets) == _clean_text_by_definition(text, secrets)
 
 
 def test_a_multi_line_reply_becomes_one_line() -> None:

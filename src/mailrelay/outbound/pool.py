@@ -144,9 +144,12 @@ class SMTPProvider:
     def _connecting(self) -> int:
         return len(self._attempts)
 
-    def _live_clients(self) -> int:
-        """Connections that may still carry mail (not those already saying QUIT)."""
-        return sum(1 for c in self._clients if c.may_serve)
+    def _over_connection_limit(self) -> bool:
+        """More connections that may still carry mail (not those already saying QUIT) than
+        the limit allows now (it falls while a provider throttles us)."""
+        limit = self.limits.connection_limit(self._reactor.seconds())
+        # Counting walks every connection; at most len(_clients) of them can be live.
+        return len(self._clients) > limit and sum(1 for c in self._clients if c.may_serve) > limit
 
     def _may_serve(self) -> bool:
         """Could anything still serve the waiting messages (an attempt, a live session)?"""
@@ -244,12 +247,15 @@ class SMTPProvider:
                 self.limits.take(now, len(message.recipients))
                 result.addCallback(self._transaction_done, now)
             result.chainDeferred(d)
+        # The cheap conditions first: _setting_up() walks every connection, and a full pool
+        # (the usual state under load) needs no count.
         while (
             not self._closing
-            and self.breaker.allows_traffic()
-            and len(self._waiting) > self._connecting + self._setting_up()
+            and len(self._waiting) > self._connecting
             and len(self._clients) + self._connecting
             < self.limits.connection_limit(self._reactor.seconds())
+            and self.breaker.allows_traffic()
+            and len(self._waiting) > self._connecting + self._setting_up()
             # After a failed setup, one attempt at a time until a session comes up: a burst
             # of parallel logins with bad credentials is how accounts get locked.
             and not (self._setup_failing and self._connecting + self._setting_up())
@@ -481,7 +487,7 @@ class SMTPProvider:
             self._closing
             or client.messages_sent >= self.config.max_messages_per_connection
             or client.too_old
-            or self._live_clients() > self.limits.connection_limit(self._reactor.seconds())
+            or self._over_connection_limit()
         ):
             client.quit()  # still counted in _clients until it is gone
         else:

@@ -48,10 +48,15 @@ def _clean_text(text: bytes | str, secrets: Collection[str] = ()) -> str:
     DEL, C1 controls, bidi overrides, ...) replaced by "?". Not truncated."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    text = _redact(text, secrets)
+    if secrets:
+        text = _redact(text, secrets)
     text = " ".join(text.split())
-    # Again: a secret with a run of whitespace of its own (or a line break) only matches now.
-    text = _redact(text, secrets)
+    if secrets:
+        # Again: a secret with a run of whitespace of its own (or a line break) only matches
+        # now.
+        text = _redact(text, secrets)
+    if text.isprintable():
+        return text  # the usual reply: no character to replace, none looked at in Python
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
