@@ -81,7 +81,7 @@ def event_text(event: LogEvent) -> str:
     if isinstance(fmt, str):
         try:
             return fmt.format_map(event)
-        except Exception:
+        except BaseException:  # as broad as formatEvent's own net: a log call never raises
             pass  # formatEvent, below, says in its text why the format failed
     return formatEvent(event)
 

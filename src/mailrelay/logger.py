@@ -20,7 +20,11 @@ _LEVELS = frozenset(LogLevel.iterconstants())
 
 class Logger(TwistedLogger):
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
-        if level not in _LEVELS:
+        try:
+            valid = level in _LEVELS
+        except TypeError:  # unhashable: not a level either
+            valid = False
+        if not valid:
             super().emit(level, format, **kwargs)  # logs the bad level as a failure
             return
         event = kwargs

@@ -174,12 +174,18 @@ def test_classic_text_is_twistds_line() -> None:
         assert render(event) == formatEventAsClassicLogText(event), event
 
 
+class _Interrupting:
+    def __format__(self, spec: str) -> str:
+        raise KeyboardInterrupt
+
+
 def test_event_text_is_twisteds_text() -> None:
     extra = [
         {"log_format": "{x:.3f}", "x": "not a number"},
         {"log_format": "{e.args[0]} {d[k]}", "e": ValueError("v"), "d": {"k": 1}},
         {"log_format": None},
         {"log_format": b"bytes {x}", "x": 1},
+        {"log_format": "{x}", "x": _Interrupting()},
     ]
     for event in classic_events() + extra:
         assert event_text(event) == formatEvent(event), event

@@ -44,8 +44,9 @@ def test_an_event_is_the_one_twisted_builds(level: LogLevel) -> None:
     assert ours["log_source"] is owner
 
 
-def test_a_level_that_is_not_one_is_reported_as_twisted_reports_it() -> None:
-    (event,) = _events(Owner().log, lambda logger: logger.emit("loud", "hello"))
+@pytest.mark.parametrize("level", ["loud", ["unhashable"]])
+def test_a_level_that_is_not_one_is_reported_as_twisted_reports_it(level: object) -> None:
+    (event,) = _events(Owner().log, lambda logger: logger.emit(level, "hello"))
     assert event["log_level"] is LogLevel.critical
-    assert event["invalidLevel"] == "loud"
+    assert event["invalidLevel"] == level
     assert "log_failure" in event
