@@ -20,6 +20,7 @@ from mailrelay.inbound.headers import (
     HeaderCompleter,
     HeaderEnd,
     HeaderScanner,
+    message_date,
     sanitize_host,
 )
 from mailrelay.metrics import Metrics
@@ -358,3 +359,9 @@ def test_message_at_the_size_limit_is_accepted_although_fields_are_added(tmp_pat
     s.start_data()
     s.send(head + line * 10 + b"y\r\n.\r\n")
     assert s.codes() == ["552 5.3.4"]
+
+
+@pytest.mark.parametrize("now", [0.0, 86400 * 365 * 30 + 0.25, 1_800_000_000.999, 1_800_000_001.0])
+def test_the_date_of_a_second_is_formatdates(now: float) -> None:
+    assert message_date(now) == email.utils.formatdate(int(now), localtime=True)
+    assert message_date(now) == message_date(int(now) + 0.5)  # one string for the whole second

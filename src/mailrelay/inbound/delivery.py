@@ -176,7 +176,7 @@ class RelayDelivery:
             raise smtp.SMTPServerError(
                 451, "4.3.0 Local error: cannot write to the spool"
             ) from None
-        date = message_date(now)  # (formatted once: ~17 us)
+        date = message_date(now)  # (once: the Received header and the Date field share it)
         self._received_header = self._make_received_header(envelope, date)
         writer.write(self._received_header)
         headers = HeaderCompleter(
