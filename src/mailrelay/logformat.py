@@ -205,6 +205,9 @@ class LineSink:
 
 
 # Every sink, flushed when the process exits (lines logged after the reactor's last turn).
+# Not when twistd ends a run stopped by a signal: it sends itself the signal again (so no
+# atexit handler runs), but only after logging "Server Shut Down.", a direct write that
+# writes everything buffered before it.
 _SINKS: weakref.WeakSet[LineSink] = weakref.WeakSet()
 
 
