@@ -152,6 +152,9 @@ class DeliveryQueue:
     ) -> None:
         """``reporting_mta``: the host name DSNs are sent from; None keeps every permanently
         failed message in failed/ instead (dead letters, no bounce)."""
+        # The class's Logger is a descriptor that builds a new Logger on every read of
+        # self.log: four a message, and one more per recipient. Read once, kept here.
+        self.log = self.log
         self._clock = clock
         self._spool = spool
         self._router = router

@@ -128,6 +128,15 @@ def advance_to_next_timer(clock: Clock) -> None:
 # -- the happy path ---------------------------------------------------------------------------
 
 
+def test_the_queue_logs_through_one_logger_named_and_sourced_as_twisteds_descriptor_makes_it(
+    tmp_path: Path,
+) -> None:
+    queue = World(tmp_path).queue
+    assert queue.log is queue.log
+    assert queue.log.namespace == "mailrelay.queue.DeliveryQueue"
+    assert queue.log.source is queue
+
+
 def test_fully_delivered_message_is_removed_without_a_journal_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
