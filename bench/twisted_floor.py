@@ -54,9 +54,17 @@ TICK = os.sysconf("SC_CLK_TCK")
 # -- the two bare programs (run as `python twisted_floor.py --serve PORT` / `--send ...`) -------
 
 
+def _open_session(transport: Any, first_line: bytes) -> None:
+    """TCP_NODELAY, as the relay sets it on both sides, then the session's first line."""
+    from twisted.internet.interfaces import ITCPTransport
+
+    if ITCPTransport.providedBy(transport):
+        transport.setTcpNoDelay(True)
+    transport.write(first_line)
+
+
 def serve(port: int) -> None:
     from twisted.internet import protocol, reactor
-    from twisted.internet.interfaces import ITCPTransport
 
     replies = {
         b"HELO": b"250 floor\r\n",
@@ -69,12 +77,9 @@ def serve(port: int) -> None:
 
     class Session(protocol.Protocol):
         def connectionMade(self) -> None:
-            transport = self.transport
-            if ITCPTransport.providedBy(transport):
-                transport.setTcpNoDelay(True)
             self.buffer = b""
             self.in_data = False
-            transport.write(b"220 floor ESMTP\r\n")
+            _open_session(self.transport, b"220 floor ESMTP\r\n")
 
         def dataReceived(self, data: bytes) -> None:
             self.buffer += data
@@ -121,7 +126,6 @@ def send(port: int, messages: int, connections: int, size: int) -> int:
     after its start-up) for the parent."""
     from twisted.internet import defer, protocol, reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-    from twisted.internet.interfaces import ITCPTransport
 
     body = b"Subject: floor\r\n\r\n" + (b"x" * 76 + b"\r\n") * max(1, size // 78) + b".\r\n"
     envelope = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
@@ -137,13 +141,10 @@ def send(port: int, messages: int, connections: int, size: int) -> int:
 
     class Sender(protocol.Protocol):
         def connectionMade(self) -> None:
-            transport = self.transport
-            if ITCPTransport.providedBy(transport):
-                transport.setTcpNoDelay(True)
             self.buffer = b""
             self.expect = 2  # banner, EHLO
             self.sending = False  # the body is out: the next reply is to the final dot
-            transport.write(b"EHLO floor\r\n")
+            _open_session(self.transport, b"EHLO floor\r\n")
 
         def next_message(self) -> None:
             if left[0] == 0 or errors:
