@@ -176,6 +176,10 @@ class SpoolConfig:
     # "dsn": a permanently failed recipient is reported to the sender (RFC 3464) and the
     # message removed; "deadletter": the message is kept in failed/ and nobody is told.
     bounce: Literal["dsn", "deadletter"] = "dsn"
+    # "auto": on ext4, XFS and btrfs an accepted message is renamed into queue/ and then
+    # fsynced once, which makes it and its name durable (mailrelay.spool.filesystems);
+    # elsewhere queue/ is fsynced as well. "always": fsync queue/ after every acceptance.
+    directory_fsync: Literal["auto", "always"] = "auto"
 
 
 @attrs.frozen
@@ -503,6 +507,9 @@ def _parse_spool(t: Mapping[str, Any], key: str) -> SpoolConfig:
         max_lifetime=_seconds(t, "max_lifetime", key, d.max_lifetime),
         min_free_space=_int(t, "min_free_space", key, d.min_free_space, minimum=0),
         bounce=_choice(t, "bounce", key, d.bounce, ("dsn", "deadletter")),  # type: ignore[arg-type]
+        directory_fsync=_choice(  # type: ignore[arg-type]
+            t, "directory_fsync", key, d.directory_fsync, ("auto", "always")
+        ),
     )
 
 

@@ -53,6 +53,7 @@ from mailrelay.spool.format import (
     Outcome,
     Status,
     StoredMessage,
+    TruncatedSpoolFile,
     last_outcomes,
 )
 from mailrelay.spool.removals import DeliveredRemovals
@@ -543,8 +544,16 @@ class DeliveryQueue:
             self._forget(queue_id)
             return  # removed meanwhile: nothing to do
         except CorruptSpoolFile as e:
-            self.log.error(
-                "{queue_id} is corrupt, moved to corrupt/: {reason}",
+            # Where one fsync makes an acceptance durable (mailrelay.spool.filesystems), a
+            # power cut between its rename and that fsync leaves a file cut short: its client
+            # was not told 250 and sends it again. Kept for a person to look at all the same.
+            cut_short = isinstance(e, TruncatedSpoolFile)
+            self.log.emit(
+                LogLevel.warn if cut_short else LogLevel.error,
+                "{queue_id} is cut short, moved to corrupt/: {reason} (an acceptance that a"
+                " power cut interrupted leaves such a file; no 250 was given for it)"
+                if cut_short
+                else "{queue_id} is corrupt, moved to corrupt/: {reason}",
                 queue_id=queue_id,
                 event="corrupt",
                 reason=str(e),

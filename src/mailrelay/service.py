@@ -60,6 +60,7 @@ from mailrelay.outbound.results import IProvider
 from mailrelay.outbound.router import Router
 from mailrelay.pickup import MaildropPickup
 from mailrelay.queue import DeliveryQueue, RetryPolicy
+from mailrelay.spool.filesystems import acceptance_sync
 from mailrelay.spool.store import FAILED, Spool, SpoolBusy, SpoolLock
 from mailrelay.web import Operations, build_site
 
@@ -341,7 +342,14 @@ def buildService(
     # With acceptor processes, every queue ID says which process made it (0: this one), so the
     # rescan after an acceptor's exit takes that process's files alone (acceptors.supervisor).
     id_tag = 0 if config.smtp.processes > 1 else None
-    spool = Spool(Path(config.spool.path), runner, reactor.seconds, id_tag=id_tag)
+    sync = acceptance_sync(config.spool.path, config.spool.directory_fsync)
+    spool = Spool(
+        Path(config.spool.path),
+        runner,
+        reactor.seconds,
+        id_tag=id_tag,
+        acceptance_directory_fsync=sync.directory_fsync,
+    )
     try:
         spool.root.mkdir(parents=True, exist_ok=True)
         lock = _lock_spool(spool)
@@ -350,6 +358,12 @@ def buildService(
         raise ConfigError(
             f"spool.path: cannot use {config.spool.path!r}: {e.strerror or e}"
         ) from None
+    log.info(
+        "spool {path}: each acceptance fsyncs {what} ({reason})",
+        path=config.spool.path,
+        what="the file and queue/" if sync.directory_fsync else "the file only",
+        reason=sync.reason,
+    )
 
     providers = {p.name: _build_provider(p, reactor, runner, metrics) for p in config.providers}
     activity = Activity(reactor)

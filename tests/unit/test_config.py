@@ -46,6 +46,14 @@ def test_spool_min_free_space(text: str, expected: int) -> None:
     assert parse_text(text).spool.min_free_space == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("", "auto"), ("[spool]\ndirectory_fsync = 'always'\n", "always")],
+)
+def test_spool_directory_fsync(text: str, expected: str) -> None:
+    assert parse_text(text).spool.directory_fsync == expected
+
+
 def test_providers_without_routing_chain_in_written_order() -> None:
     config = parse_text(
         "[[providers]]\nname='a'\nhost='127.0.0.1'\ntls='none'\n"
@@ -93,6 +101,10 @@ def test_implicit_tls_defaults_to_port_465() -> None:
         ),
         ("[spool]\npath = ''\n", "spool.path: must not be empty"),
         ("[spool]\nbounce = 'never'\n", "spool.bounce: must be one of dsn, deadletter"),
+        (
+            "[spool]\ndirectory_fsync = 'never'\n",
+            "spool.directory_fsync: must be one of auto, always",
+        ),
         ("[spool]\nmin_free_space = -1\n", "spool.min_free_space: must be at least 0"),
         ("[spool]\nmin_free_space = '100M'\n", "spool.min_free_space: must be an integer"),
         ("[spool]\nmin_free_space = 1.5e8\n", "spool.min_free_space: must be an integer"),

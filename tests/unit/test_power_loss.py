@@ -380,11 +380,20 @@ class Life:
         now: float,
         log: list[Delivery],
         reporting_mta: str | None,
+        one_fsync: bool = False,
     ) -> tuple[Life, defer.Deferred[None]]:
-        """prepare() the spool (it may raise PowerCut) and start the queue."""
+        """prepare() the spool (it may raise PowerCut) and start the queue. ``one_fsync``: an
+        acceptance renames, then fsyncs the file alone (spool.directory_fsync = "auto" on
+        ext4, XFS, btrfs)."""
         clock = Clock()
         clock.advance(now)
-        spool = Spool(base / "spool", InlineRunner(), now=clock.seconds, fs=fs)
+        spool = Spool(
+            base / "spool",
+            InlineRunner(),
+            now=clock.seconds,
+            fs=fs,
+            acceptance_directory_fsync=not one_fsync,
+        )
         queue = DeliveryQueue(
             clock,
             spool,
@@ -459,15 +468,18 @@ class Run:
     deliveries: list[Delivery] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     durable_unacked: int = 0
+    set_aside: int = 0  # the commit in flight, cut short in queue/ (one fsync), in corrupt/
 
 
-def run(seed: int, cut_at: int | None, model: Model, reporting_mta: str | None) -> Run:
+def run(
+    seed: int, cut_at: int | None, model: Model, reporting_mta: str | None, one_fsync: bool = False
+) -> Run:
     """One power cut at operation ``cut_at`` of the first life (None: after it ended)."""
     base = Path(tempfile.mkdtemp(prefix="powerloss-", dir=_SCRATCH))
     try:
         (base / "spool").mkdir()  # made long ago: durable
         with LogCapture() as logged:
-            result = _run(scenario(seed), seed, cut_at, model, reporting_mta, base)
+            result = _run(scenario(seed), seed, cut_at, model, reporting_mta, base, one_fsync)
         result.violations.extend(_errors(logged))
         return result
     finally:
@@ -475,7 +487,13 @@ def run(seed: int, cut_at: int | None, model: Model, reporting_mta: str | None) 
 
 
 def _run(
-    s: Scenario, seed: int, cut_at: int | None, model: Model, reporting_mta: str | None, base: Path
+    s: Scenario,
+    seed: int,
+    cut_at: int | None,
+    model: Model,
+    reporting_mta: str | None,
+    base: Path,
+    one_fsync: bool,
 ) -> Run:
     rng = random.Random(seed * 1000 + 1)
     result = Run()
@@ -483,7 +501,7 @@ def _run(
     fs = PowerLossFS(base, cut_at=cut_at, model=model, seed=seed * 100_003 + (cut_at or 0))
     one: Life | None = None
     try:
-        one, started = Life.boot(1, base, fs, START, result.deliveries, reporting_mta)
+        one, started = Life.boot(1, base, fs, START, result.deliveries, reporting_mta, one_fsync)
         started.addErrback(lambda f: f.trap(PowerCut))
     except PowerCut:
         pass  # during prepare()
@@ -507,11 +525,11 @@ def _run(
         _check_durable_records(one, base / "spool" / QUEUE, result.violations)
 
     two, started = Life.boot(
-        2, base, PowerLossFS(base, model=model), now, result.deliveries, reporting_mta
+        2, base, PowerLossFS(base, model=model), now, result.deliveries, reporting_mta, one_fsync
     )
     result_of(started)
     two.run_timers()
-    _check(s, one, result, accepted, base / "spool", reporting_mta)
+    _check(s, one, result, accepted, base / "spool", reporting_mta, one_fsync)
     return result
 
 
@@ -573,6 +591,7 @@ def _check(
     accepted: dict[str, tuple[Envelope, bytes]],
     spool_dir: Path,
     reporting_mta: str | None,
+    one_fsync: bool,
 ) -> None:
     v = result.violations
     by_sender = {env.sender: env for env in s.envelopes}
@@ -634,6 +653,11 @@ def _check(
 
     for area in (QUEUE, "tmp", CORRUPT):
         left = sorted(p.name for p in (spool_dir / area).iterdir())
+        if area == CORRUPT and one_fsync and left == [result.in_flight]:
+            # Renamed into queue/, cut before its fsync: the name survived, the content did
+            # not. Its client got no 250; the file is set aside (a warning, not an error).
+            result.set_aside += 1
+            continue
         if left:
             v.append(f"{area}/ not empty after the second life: {left}")
 
@@ -647,6 +671,7 @@ def _summary(runs: list[Run]) -> dict[str, int]:
         totals["delivered"] += sum(sent.values())
         totals["duplicates"] += sum(n - 1 for n in sent.values())
         totals["durable_unacked"] += r.durable_unacked
+        totals["set_aside"] += r.set_aside
     return dict(totals)
 
 
@@ -664,26 +689,30 @@ SUMMARY: dict[str, dict[str, int]] = {}
 
 
 @pytest.mark.parametrize(
-    ("seed", "model", "reporting_mta"),
+    ("seed", "model", "reporting_mta", "one_fsync"),
     [
-        (1, "directory", None),
-        (2, "directory", "relay.test"),
-        (3, "directory", None),
-        (4, "journal", None),
-        (5, "journal", "relay.test"),
+        (1, "directory", None, False),
+        (2, "directory", "relay.test", False),
+        (3, "directory", None, False),
+        (4, "journal", None, False),
+        (5, "journal", "relay.test", False),
+        # What spool.directory_fsync = "auto" does on ext4, XFS and btrfs, whose fsync of a
+        # renamed file commits the rename with it: the "journal" model.
+        (6, "journal", None, True),
+        (7, "journal", "relay.test", True),
     ],
 )
 def test_every_power_cut_keeps_the_promise(
-    seed: int, model: Model, reporting_mta: str | None
+    seed: int, model: Model, reporting_mta: str | None, one_fsync: bool
 ) -> None:
-    total = run(seed, None, model, reporting_mta).ops
+    total = run(seed, None, model, reporting_mta, one_fsync).ops
     runs: list[Run] = []
     failures: list[str] = []
     for cut in _cut_points(total, limit=250, seed=seed):
-        r = run(seed, cut, model, reporting_mta)
+        r = run(seed, cut, model, reporting_mta, one_fsync)
         runs.append(r)
         failures.extend(f"cut at {cut}: {text}" for text in r.violations)
-    key = f"seed={seed} model={model} dsn={reporting_mta is not None}"
+    key = f"seed={seed} model={model} dsn={reporting_mta is not None} one_fsync={one_fsync}"
     SUMMARY[key] = {"ops": total, **_summary(runs)}
     print(key, SUMMARY[key])
     assert runs[-1].acked == {e.queue_id for e in scenario(seed).envelopes} - {

@@ -347,7 +347,7 @@ def test_last_error_and_history_skip_sending_markers_of_an_older_version(
     ("content", "reason"),
     [
         (b"garbage bytes \x00\xff", "bad magic line"),
-        (b"", "bad magic line"),
+        (b"", "empty file"),
         (b"MAILRELAY-SPOOL 1\nE\x00\x00\x01", "truncated record header"),
         (b"\xde\xad" * 40_000, "bad magic line"),  # longer than the envelope peek
     ],

@@ -61,6 +61,7 @@ from mailrelay.logformat import event_text, is_plain
 from mailrelay.logger import Logger
 from mailrelay.metrics import Metrics
 from mailrelay.netwrite import write_now
+from mailrelay.spool.filesystems import acceptance_sync
 from mailrelay.spool.format import Envelope
 from mailrelay.spool.store import Spool
 
@@ -241,7 +242,15 @@ class Acceptor:
         spool_config = settings.spool
         self.pool = IOThreads(reactor, IO_THREADS, name=f"mailrelay-acceptor{index}-io")
         self.metrics = Metrics()
-        spool = Spool(Path(spool_config.path), self.pool, reactor.seconds, id_tag=settings.tag)
+        spool = Spool(
+            Path(spool_config.path),
+            self.pool,
+            reactor.seconds,
+            id_tag=settings.tag,
+            acceptance_directory_fsync=acceptance_sync(
+                spool_config.path, spool_config.directory_fsync
+            ).directory_fsync,
+        )
         disk = FreeSpace(spool_config.path, spool_config.min_free_space, reactor)
         self.factory = RelaySMTPFactory(
             smtp,

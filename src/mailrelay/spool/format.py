@@ -54,6 +54,13 @@ class CorruptSpoolFile(Exception):
     """A spool file failed its framing or checksum; it must never be delivered as it is."""
 
 
+class TruncatedSpoolFile(CorruptSpoolFile):
+    """A spool file whose valid records stop before its end: empty, or cut in a record or
+    before the end record. A power cut leaves such a message file in queue/ when it hits an
+    acceptance between the rename and the fsync (spool.directory_fsync = "auto"): no 250 was
+    given for it."""
+
+
 class Status(Enum):
     """A journal record's meaning. A recipient's state is its last record."""
 
@@ -176,19 +183,21 @@ def iter_records(data: bytes, magic: bytes) -> Iterator[tuple[bytes, bytes, int]
 def iter_record_views(data: bytes, magic: bytes) -> Iterator[tuple[bytes, memoryview, int]]:
     """iter_records, each payload a view into ``data`` (no copy)."""
     if not data.startswith(magic):
+        if magic.startswith(data):
+            raise TruncatedSpoolFile("empty file" if not data else "truncated magic line")
         raise CorruptSpoolFile("bad magic line")
     offset = len(magic)
     view = memoryview(data)
     while offset < len(data):
         if len(data) - offset < _HEADER.size + _CRC.size:
-            raise CorruptSpoolFile(f"truncated record header at offset {offset}")
+            raise TruncatedSpoolFile(f"truncated record header at offset {offset}")
         tag, length = _HEADER.unpack_from(data, offset)
         if length > MAX_RECORD:
             raise CorruptSpoolFile(f"record too long at offset {offset}")
         start = offset + _HEADER.size
         end = start + length
         if end + _CRC.size > len(data):
-            raise CorruptSpoolFile(f"truncated record at offset {offset}")
+            raise TruncatedSpoolFile(f"truncated record at offset {offset}")
         (crc,) = _CRC.unpack_from(data, end)
         if crc != zlib.crc32(view[start:end], zlib.crc32(view[offset:start])):
             raise CorruptSpoolFile(f"checksum mismatch at offset {offset}")
@@ -223,7 +232,7 @@ def decode_message(data: bytes) -> StoredMessage:
             return StoredMessage(envelope=envelope, body=body)
         else:
             raise CorruptSpoolFile(f"unexpected record {tag!r}")
-    raise CorruptSpoolFile("no end record (truncated)")
+    raise TruncatedSpoolFile("no end record (truncated)")
 
 
 def decode_envelope(data: bytes) -> Envelope:

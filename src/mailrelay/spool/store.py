@@ -18,7 +18,10 @@ Layout under the spool path::
     control.sock  the daemon's control channel (mode 0600), see mailrelay.control
 
 Durability contract: ``MessageWriter.commit`` writes the tmp file, fsyncs it, renames it into
-``queue/`` and fsyncs the directory; only when that Deferred fires may the server say 250.
+``queue/`` and fsyncs the directory; only when that Deferred fires may the server say 250. On
+ext4, XFS and btrfs (``spool.directory_fsync = "auto"``) it renames first and fsyncs the file
+once instead, which makes the content and the new name durable together (see
+mailrelay.spool.filesystems).
 If any step fails the copy is removed and never delivered (no fsync retry: "fsyncgate").
 Every move and removal fsyncs the directories it changed before it returns, but ``unlink``:
 the delivery queue makes the removals of delivered messages durable several at a time
@@ -184,12 +187,17 @@ class Spool:
         *,
         fs: FileSystem = REAL_FS,
         id_tag: int | None = None,
+        acceptance_directory_fsync: bool = True,
     ):
         """``fs``: every file-system call for messages and journals goes through it (the real
         one by default; a test passes one that models power loss). The lock does not.
-        ``id_tag``: the tag in every queue ID this process makes (new_queue_id)."""
+        ``id_tag``: the tag in every queue ID this process makes (new_queue_id).
+        ``acceptance_directory_fsync``: False where the file system makes a renamed file's
+        name durable with its fsync (mailrelay.spool.filesystems): an SMTP acceptance then
+        costs one flush instead of two. Every other write into queue/ fsyncs the directory."""
         self.root = root
         self.id_tag = id_tag
+        self.acceptance_directory_fsync = acceptance_directory_fsync
         self.fs = fs
         self.tmp = root / "tmp"
         self.queue = root / QUEUE
@@ -596,11 +604,22 @@ class Spool:
 
 
 def _finish_durably(
-    spool: Spool, envelope: Envelope, file: SpoolFile, data: bytes | bytearray
+    spool: Spool,
+    envelope: Envelope,
+    file: SpoolFile,
+    data: bytes | bytearray,
+    directory_fsync: bool = True,
 ) -> None:
-    """Write the last bytes of a message to its open tmp file, fsync it, rename it into
-    queue/, fsync queue/; on any failure remove the copy (never fsync it again) and raise
-    SpoolWriteError. The one durable path for every message that enters queue/."""
+    """Write the last bytes of a message to its open tmp file, make it durable in queue/; on
+    any failure remove the copy (never fsync it again) and raise SpoolWriteError. The one
+    durable path for every message that enters queue/.
+
+    ``directory_fsync``: fsync the file, rename it into queue/, fsync queue/ (the portable
+    way). Without it (Spool.acceptance_directory_fsync, for SMTP acceptances on a file system
+    where that is enough, see mailrelay.spool.filesystems): rename first, then one fsync of
+    the file, which makes its content and its new name durable together. A power cut before
+    that fsync returns may then leave the file in queue/ short or empty: no 250 was given for
+    it, and it fails its framing at the next start (TruncatedSpoolFile)."""
     fs = spool.fs
     tmp_path = spool.tmp / envelope.queue_id
     final_path = spool.queue / envelope.queue_id
@@ -612,12 +631,16 @@ def _finish_durably(
             # The mtime is the next attempt time (see the module docstring): now, for a new
             # message. Set explicitly so it is the same clock the queue schedules with.
             fs.utime_fd(file.fileno(), envelope.received_at)
+            if not directory_fsync:
+                fs.rename(tmp_path, final_path)
+                renamed = True
             fs.fsync(file.fileno())
         finally:
             file.close()
-        fs.rename(tmp_path, final_path)
-        renamed = True
-        fs.fsync_directory(spool.queue)
+        if directory_fsync:
+            fs.rename(tmp_path, final_path)
+            renamed = True
+            fs.fsync_directory(spool.queue)
     except OSError as e:
         # Never fsync again after a failure: drop this copy; the sender keeps its own.
         fs.unlink(final_path if renamed else tmp_path, missing_ok=True)
@@ -718,7 +741,10 @@ class MessageWriter:
             self._close_file()
             self._spool.fs.unlink(self._tmp_path, missing_ok=True)
             raise SpoolWriteError(f"{e.strerror or e}") from e
-        _finish_durably(self._spool, self.envelope, self._file, self._framed)
+        spool = self._spool
+        _finish_durably(
+            spool, self.envelope, self._file, self._framed, spool.acceptance_directory_fsync
+        )
         return self.envelope.queue_id
 
     def abort(self) -> None:

@@ -1,0 +1,108 @@
+"""Which file system holds the spool, and whether one fsync can make an acceptance durable.
+
+The durability contract for an accepted message is: its content and its name in queue/ are
+on disk before the 250. The portable way is two flushes: fsync the file, rename it into
+queue/, fsync queue/. On this machine's ext4 each flush is a separate trip to the disk, and
+the second one cost 10-25% of the messages a second (bench/README.md, "the sixth push").
+
+On three Linux file systems the file's own fsync, made *after* the rename, already makes its
+new name durable, so the directory's fsync adds nothing:
+
+- ext4 with a journal: the fsync commits the running journal transaction, and the rename
+  (which changed the file's inode) is in it or in an earlier one;
+- ext4 without a journal: the rename's new directory entry marks the inode "new entry"
+  (``EXT4_STATE_NEWENTRY``, set by ``ext4_add_entry``), and fsync then writes that parent
+  directory too (``ext4_sync_parent``);
+- XFS: the fsync forces the log up to the inode's last change, and the rename is logged in
+  order before it;
+- btrfs: the fsync logs the inode with its current name in the log tree.
+
+Postfix's one fsync a message relies on the same behaviour of these file systems. Anything
+else (tmpfs, overlayfs, NFS, ext2 driven by its own name, a path not found in mountinfo) gets
+the directory fsync as well. ``spool.directory_fsync = "always"`` asks for it everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import attrs
+
+# The file systems whose fsync of a renamed file makes its new name durable (see above).
+NAME_DURABLE_WITH_FILE = frozenset({"ext4", "xfs", "btrfs"})
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+@attrs.frozen
+class Mount:
+    mount_point: str
+    fs_type: str
+
+
+_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """The mounts listed in /proc/self/mountinfo (proc(5)), in order; malformed lines skipped.
+
+    A line: ID PARENT MAJOR:MINOR ROOT MOUNT-POINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER.
+    """
+    mounts: list[Mount] = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        try:
+            separator = fields.index("-", 6)
+        except ValueError:
+            continue
+        if len(fields) <= separator + 1:
+            continue
+        mounts.append(Mount(_unescape(fields[4]), fields[separator + 1]))
+    return mounts
+
+
+def mount_of(path: str, mounts: list[Mount]) -> Mount | None:
+    """The mount that holds ``path`` (absolute, symlinks resolved): the longest mount point
+    that is ``path`` or one of its parents; the last one listed wins (mounted over)."""
+    found: Mount | None = None
+    for mount in mounts:
+        point = mount.mount_point
+        inside = point == "/" or path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and (found is None or len(point) >= len(found.mount_point)):
+            found = mount
+    return found
+
+
+@attrs.frozen
+class AcceptanceSync:
+    """How an acceptance is made durable: ``directory_fsync`` (rename, then fsync queue/ as
+    well) or not (rename, then the file's fsync alone); ``reason`` says why, for the log."""
+
+    directory_fsync: bool
+    reason: str
+
+
+def acceptance_sync(
+    spool_path: str | Path, setting: str, mountinfo: Path = MOUNTINFO
+) -> AcceptanceSync:
+    """Decide, for ``spool.directory_fsync`` = ``setting`` ("auto" or "always")."""
+    if setting == "always":
+        return AcceptanceSync(True, 'spool.directory_fsync = "always"')
+    try:
+        mounts = parse_mountinfo(mountinfo.read_text(encoding="utf-8", errors="replace"))
+    except OSError as e:
+        return AcceptanceSync(True, f"cannot read {mountinfo}: {e.strerror or e}")
+    mount = mount_of(os.path.realpath(spool_path), mounts)
+    if mount is None:
+        return AcceptanceSync(True, f"no mount found for {spool_path} in {mountinfo}")
+    where = f"{mount.fs_type} on {mount.mount_point}"
+    if mount.fs_type in NAME_DURABLE_WITH_FILE:
+        return AcceptanceSync(False, f"{where}: the file's fsync makes its new name durable")
+    return AcceptanceSync(True, f"{where}: not known to make a new name durable with the file")
