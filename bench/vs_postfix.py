@@ -860,10 +860,22 @@ def print_preamble(args: argparse.Namespace) -> None:
         f"machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), load {load},"
         f" {platform.platform()}; {usage.free / 2**30:.0f} GiB free in {tempfile.gettempdir()}"
     )
+    sync = relay_python(
+        args.relay_src,
+        "import tempfile\n"
+        "try:\n"
+        "    from mailrelay.spool.filesystems import acceptance_sync\n"
+        "except ImportError:\n"
+        "    print('the spool file, renames it, then fsyncs queue/ (an older version)')\n"
+        "else:\n"
+        "    d = acceptance_sync(tempfile.gettempdir(), 'auto')\n"
+        "    print(('the spool file, renames it, then fsyncs queue/' if d.directory_fsync"
+        " else 'the spool file once, after its rename') + f' ({d.reason})')",
+    )
     print(
-        "durability: both at their defaults: mailrelay fsyncs the spool file and directory"
-        " before every 250, Postfix's cleanup fsyncs the queue file before smtpd's 250;"
-        " nothing disabled, no eatmydata"
+        f"durability: both at their defaults: before every 250 mailrelay fsyncs {sync}"
+        " (spool.directory_fsync = auto), Postfix's cleanup fsyncs the queue file before"
+        " smtpd's 250; nothing disabled, no eatmydata"
     )
     print(
         f"load: smtp-source -c -l SIZE -m {args.messages} -s CONC -r RCPTS -f {MAIL_FROM}"

@@ -57,7 +57,15 @@ from mailrelay.spool.format import (
     last_outcomes,
 )
 from mailrelay.spool.removals import DeliveredRemovals
-from mailrelay.spool.store import HOLD, QUEUE, Spool, is_queue_id, queue_id_tag, queue_id_time
+from mailrelay.spool.store import (
+    HOLD,
+    JOURNAL_SUFFIX,
+    QUEUE,
+    Spool,
+    is_queue_id,
+    queue_id_tag,
+    queue_id_time,
+)
 
 T = TypeVar("T")
 
@@ -114,7 +122,9 @@ def _lifetime_start(envelope: Envelope, journal: list[Outcome]) -> float:
 
 
 async def _spool_dsn(spool: Spool, envelope: Envelope, dsn: bytes) -> str:
-    writer = spool.open_writer(envelope)
+    # Made durable the portable way: a DSN is no SMTP acceptance, and a cut-short one would be
+    # taken for one (the "cut short" warning).
+    writer = spool.open_writer(envelope, directory_fsync=True)
     writer.write(dsn)
     return await writer.commit()
 
@@ -252,6 +262,11 @@ class DeliveryQueue:
         """One (ID, mtime) from a scan of queue/ into the index, unless it is there already."""
         if queue_id in self._queued or queue_id in (self._left_since_scan or ()):
             return False  # indexed since the scan (accepted, retried), or gone (held, done)
+        if queue_id in self._spool.committing:
+            # Renamed into queue/ before its fsync (spool.directory_fsync), not yet durable:
+            # its commit enqueues it (or removes it). Indexed now, it could be delivered and
+            # forgotten before that enqueue, which would then send it a second time.
+            return False
         if not is_queue_id(queue_id):
             # Not ours (a file copied in by hand): never delivered, never counted.
             self.log.warn(
@@ -272,7 +287,9 @@ class DeliveryQueue:
     async def adopt_unindexed(self, tag: int) -> int:
         """Index what is in queue/ under an ID of ``tag`` but not in the index: mail an
         acceptor process (whose IDs carry its tag) made durable and could not report, since
-        it died first. Returns how many were found.
+        it died first (or, with spool.directory_fsync's one fsync, renamed into queue/ and was
+        killed before that fsync returned: its client got no 250, so at worst a duplicate).
+        Returns how many were found.
 
         Called once that process has exited and its pipe is drained: every report it sent is
         in, and no other process makes IDs with its tag, so nothing found here is a commit
@@ -547,7 +564,12 @@ class DeliveryQueue:
             # Where one fsync makes an acceptance durable (mailrelay.spool.filesystems), a
             # power cut between its rename and that fsync leaves a file cut short: its client
             # was not told 250 and sends it again. Kept for a person to look at all the same.
-            cut_short = isinstance(e, TruncatedSpoolFile)
+            cut_short = (
+                isinstance(e, TruncatedSpoolFile)
+                and not self._spool.acceptance_directory_fsync
+                and queue_id not in self._attempts  # never attempted: no 250 known of
+                and not self._spool.fs.exists(self._spool.queue / (queue_id + JOURNAL_SUFFIX))
+            )
             self.log.emit(
                 LogLevel.warn if cut_short else LogLevel.error,
                 "{queue_id} is cut short, moved to corrupt/: {reason} (an acceptance that a"

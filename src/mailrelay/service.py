@@ -342,6 +342,13 @@ def buildService(
     # With acceptor processes, every queue ID says which process made it (0: this one), so the
     # rescan after an acceptor's exit takes that process's files alone (acceptors.supervisor).
     id_tag = 0 if config.smtp.processes > 1 else None
+    try:
+        # First, so that the file system holding it can be told (acceptance_sync).
+        Path(config.spool.path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"spool.path: cannot use {config.spool.path!r}: {e.strerror or e}"
+        ) from None
     sync = acceptance_sync(config.spool.path, config.spool.directory_fsync)
     spool = Spool(
         Path(config.spool.path),
@@ -351,7 +358,6 @@ def buildService(
         acceptance_directory_fsync=sync.directory_fsync,
     )
     try:
-        spool.root.mkdir(parents=True, exist_ok=True)
         lock = _lock_spool(spool)
         spool.prepare()
     except OSError as e:

@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from twisted.internet.task import Clock
 
 from mailrelay.blocking import InlineRunner
+from mailrelay.config import parse
+from mailrelay.service import buildService
 from mailrelay.spool.filesystems import (
     Mount,
     acceptance_sync,
+    decide,
     mount_of,
     parse_mountinfo,
 )
@@ -22,7 +27,7 @@ from mailrelay.spool.format import (
 )
 from mailrelay.spool.fs import FileSystem
 from mailrelay.spool.store import Spool, SpoolWriteError
-from tests.unit.fakes import envelope, failure_of, result_of
+from tests.unit.fakes import LogCapture, envelope, failure_of, result_of
 
 MOUNTINFO = """\
 22 27 0:21 / /proc rw,relatime - proc proc rw
@@ -38,14 +43,14 @@ this line is not a mount at all
 
 def test_mountinfo_is_parsed_with_optional_fields_and_escapes() -> None:
     mounts = parse_mountinfo(MOUNTINFO)
-    assert [(m.mount_point, m.fs_type) for m in mounts] == [
-        ("/proc", "proc"),
-        ("/", "ext4"),
-        ("/dev/shm", "tmpfs"),
-        ("/var/spool", "xfs"),
-        ("/var/spool2", "btrfs"),
-        ("/var/spool/docker", "overlay"),
-        ("/srv/mail spool", "ext4"),
+    assert [(m.mount_point, m.fs_type, m.device) for m in mounts] == [
+        ("/proc", "proc", "0:21"),
+        ("/", "ext4", "254:0"),
+        ("/dev/shm", "tmpfs", "0:23"),
+        ("/var/spool", "xfs", "8:17"),
+        ("/var/spool2", "btrfs", "8:18"),
+        ("/var/spool/docker", "overlay", "0:50"),
+        ("/srv/mail spool", "ext4", "0:51"),
     ]
 
 
@@ -81,31 +86,52 @@ def test_a_later_mount_on_the_same_point_hides_the_earlier_one() -> None:
         ("/var/spool2/mailrelay", "auto", False),  # btrfs
         ("/var/spool/docker/spool", "auto", True),  # overlayfs
         ("/dev/shm/spool", "auto", True),  # tmpfs
+        ("/proc/spool", "auto", True),  # anything else
         ("/home/relay/spool", "always", True),
     ],
 )
 def test_one_fsync_only_where_the_file_system_is_known_to_keep_the_name(
-    tmp_path: Path, spool: str, setting: str, directory_fsync: bool
+    spool: str, setting: str, directory_fsync: bool
 ) -> None:
-    info = tmp_path / "mountinfo"
-    info.write_text(MOUNTINFO)
-    decided = acceptance_sync(spool, setting, mountinfo=info)
+    mounts = parse_mountinfo(MOUNTINFO)
+    mount = mount_of(spool, mounts)
+    assert mount is not None
+    decided = decide(setting, spool, mounts, mount.device)
     assert decided.directory_fsync is directory_fsync
     assert decided.reason
 
 
+@pytest.mark.parametrize("device", ["0:60", None])
+def test_a_spool_not_on_the_device_of_its_mount_fsyncs_the_directory(device: str | None) -> None:
+    """An NFS mount over /srv hides the ext4 /srv/spool that mountinfo still lists; or the
+    spool's device could not be read."""
+    mounts = [Mount("/", "ext4", "254:0"), Mount("/srv/spool", "ext4", "8:1")]
+    mounts.append(Mount("/srv", "nfs4", "0:60"))
+    decided = decide("auto", "/srv/spool/mailrelay", mounts, device)
+    assert decided.directory_fsync
+    assert "not 8:1" in decided.reason
+
+
 def test_without_mountinfo_the_directory_is_fsynced_too(tmp_path: Path) -> None:
-    decided = acceptance_sync("/var/spool", "auto", mountinfo=tmp_path / "missing")
+    decided = acceptance_sync(tmp_path, "auto", mountinfo=tmp_path / "missing")
     assert decided.directory_fsync
     assert "cannot read" in decided.reason
     empty = tmp_path / "empty"
     empty.write_text("")
-    assert acceptance_sync("/var/spool", "auto", mountinfo=empty).directory_fsync
+    assert acceptance_sync(tmp_path, "auto", mountinfo=empty).directory_fsync
 
 
-def test_this_machine_is_decided_without_error() -> None:
-    decided = acceptance_sync("/", "auto")
-    assert isinstance(decided.directory_fsync, bool) and decided.reason
+def test_this_machine_is_decided_from_its_own_mountinfo(tmp_path: Path) -> None:
+    """The real /proc/self/mountinfo and st_dev agree on where tmp_path is (whatever the
+    answer for its file system)."""
+    decided = acceptance_sync(tmp_path, "auto")
+    mount = mount_of(
+        str(tmp_path.resolve()), parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+    )
+    assert mount is not None and mount.fs_type in decided.reason
+    if mount.fs_type in ("ext4", "xfs"):
+        assert "device" not in decided.reason  # the mount found is the one holding tmp_path
+    assert acceptance_sync(tmp_path, "always").directory_fsync
 
 
 # -- the acceptance itself ------------------------------------------------------------------
@@ -123,6 +149,8 @@ class Recording(FileSystem):
     def __init__(self, fail: str | None = None) -> None:
         self.calls: list[str] = []
         self.fail = fail
+        self.during_fsync: Callable[[], bool] | None = None
+        self.seen_during_fsync: list[bool] = []
 
     def _record(self, name: str) -> None:
         self.calls.append(name)
@@ -131,6 +159,8 @@ class Recording(FileSystem):
 
     def fsync(self, fd: int) -> None:
         self._record("fsync")
+        if self.during_fsync is not None:
+            self.seen_during_fsync.append(self.during_fsync())
         super().fsync(fd)
 
     def rename(self, source: Path, target: Path) -> None:
@@ -159,22 +189,44 @@ def test_an_acceptance_is_made_durable_in_this_order(
     writer = spool.open_writer(env)
     writer.write(b"x" * size)
     fs.calls.clear()
+    fs.during_fsync = lambda: env.queue_id in spool.committing
     assert result_of(writer.commit()) == env.queue_id
     assert fs.calls == calls
+    assert fs.seen_during_fsync == [True]  # the queue's start-up scan leaves it alone then
+    assert spool.committing == set()
     assert decode_message((spool.queue / env.queue_id).read_bytes()).body == b"x" * size
     assert list(spool.tmp.iterdir()) == []
 
 
 @pytest.mark.parametrize("directory_fsync", [True, False])
-def test_a_failed_fsync_leaves_no_copy_in_either_area(
-    tmp_path: Path, directory_fsync: bool
+@pytest.mark.parametrize("failing", ["fsync", "rename tmp/ -> queue/", "fsync_directory queue/"])
+def test_a_failed_step_leaves_no_copy_in_either_area_and_no_second_fsync(
+    tmp_path: Path, directory_fsync: bool, failing: str
 ) -> None:
-    fs = Recording(fail="fsync")
+    fs = Recording(fail=failing)
     spool = spool_on(tmp_path, fs, directory_fsync)
     writer = spool.open_writer(envelope())
     writer.write(b"body\r\n")
+    fs.calls.clear()
+    if failing == "fsync_directory queue/" and not directory_fsync:
+        result_of(writer.commit())  # the step is not made at all
+        assert failing not in fs.calls
+        return
     assert failure_of(writer.commit()).check(SpoolWriteError)
     assert list(spool.queue.iterdir()) == list(spool.tmp.iterdir()) == []
+    assert fs.calls.count("fsync") <= 1  # never again after a failure ("fsyncgate")
+    assert fs.calls[-1] == failing  # nothing after the step that failed
+    assert spool.committing == set()
+
+
+def test_a_bounce_or_other_writer_can_ask_for_the_directory_fsync(tmp_path: Path) -> None:
+    fs = Recording()
+    spool = spool_on(tmp_path, fs, directory_fsync=False)
+    writer = spool.open_writer(envelope(), directory_fsync=True)
+    writer.write(b"body\r\n")
+    fs.calls.clear()
+    result_of(writer.commit())
+    assert fs.calls == ["fsync", "rename tmp/ -> queue/", "fsync_directory queue/"]
 
 
 def test_other_writes_into_queue_fsync_the_directory_whatever_the_setting(tmp_path: Path) -> None:
@@ -204,3 +256,18 @@ def test_a_file_cut_short_is_told_apart_from_a_damaged_one(
     with pytest.raises(CorruptSpoolFile) as raised:
         decode_message(data)
     assert isinstance(raised.value, TruncatedSpoolFile) is truncated
+
+
+@pytest.mark.parametrize("setting", ["auto", "always"])
+def test_the_relay_decides_once_its_spool_exists_and_logs_the_choice(
+    tmp_path: Path, setting: str
+) -> None:
+    spool = tmp_path / "new" / "spool"  # made by the relay before it looks at its device
+    config = parse({"spool": {"path": str(spool), "directory_fsync": setting}})
+    with LogCapture() as logged:
+        buildService(Clock(), config)
+    [event] = [e for e in logged.events if "each acceptance" in e.get("log_format", "")]
+    expected = acceptance_sync(spool, setting)
+    what = "the file and queue/" if expected.directory_fsync else "the file only"
+    assert (event["what"], event["reason"]) == (what, expected.reason)
+    assert "unknown" not in event["reason"]

@@ -429,21 +429,30 @@ def test_message_with_every_recipient_final_in_the_journal_is_finished_without_s
 
 
 @pytest.mark.parametrize(
-    ("damage", "level"),
+    ("damage", "one_fsync", "journal", "level"),
     [
-        ("garbage", LogLevel.error),
-        ("flipped", LogLevel.error),
+        ("garbage", True, False, LogLevel.error),
+        ("flipped", True, False, LogLevel.error),
         # What a power cut leaves of an acceptance renamed before its one fsync (no 250 was
-        # given): set aside all the same, but a warning, not an error.
-        ("truncated", LogLevel.warn),
-        ("empty", LogLevel.warn),
+        # given): set aside all the same, but a warning, not an error...
+        ("truncated", True, False, LogLevel.warn),
+        ("empty", True, False, LogLevel.warn),
+        # ...only where acceptances are made that way, and never for a message that was
+        # attempted already (its journal says it was accepted).
+        ("truncated", False, False, LogLevel.error),
+        ("empty", False, False, LogLevel.error),
+        ("truncated", True, True, LogLevel.error),
     ],
 )
 def test_corrupt_file_is_moved_to_corrupt_and_the_next_message_still_goes(
-    tmp_path: Path, damage: str, level: LogLevel
+    tmp_path: Path, damage: str, one_fsync: bool, journal: bool, level: LogLevel
 ) -> None:
     w = World(tmp_path)
+    w.spool.acceptance_directory_fsync = not one_fsync
     bad = w.put(1)
+    if journal:
+        outcome = Outcome(A, Status.DEFERRED, "451 later", "p1", 0.0)
+        result_of(w.spool.append_journal(bad, [outcome]))
     path = w.spool.queue / bad
     data = path.read_bytes()
     if damage == "garbage":
@@ -462,10 +471,26 @@ def test_corrupt_file_is_moved_to_corrupt_and_the_next_message_still_goes(
     [event] = [e for e in logged.events if e.get("event") == "corrupt"]
     assert (event["queue_id"], event["log_level"]) == (bad, level)
     assert ("cut short" in formatEvent(event)) == (level is LogLevel.warn)
-    assert w.area("corrupt") == [bad]
+    assert w.area("corrupt") == [bad] + ([bad + JOURNAL_SUFFIX] if journal else [])
     assert [m.queue_id for m in w.providers[0].delivered] == [good]
     assert w.queued() == []
     assert w.metric("mailrelay_spool_corrupt_total") == 1
+
+
+def test_the_start_up_scan_leaves_a_commit_under_way_to_its_own_enqueue(tmp_path: Path) -> None:
+    """With one fsync an acceptance is in queue/ before it is durable: the scan must not
+    deliver it (and forget it) before its commit enqueues it, or it would go twice."""
+    w = World(tmp_path)
+    committing = w.put(1)
+    w.spool.committing.add(committing)
+    other = w.put(2)
+    w.start()
+    assert [m.queue_id for m in w.providers[0].delivered] == [other]
+    w.spool.committing.discard(committing)  # the commit fired: its callback enqueues it
+    w.queue.enqueue(envelope(committing, (A,)))
+    w.clock.advance(0)
+    assert [m.queue_id for m in w.providers[0].delivered] == [other, committing]
+    assert w.queued() == []
 
 
 def test_orphan_journals_are_removed_at_start(tmp_path: Path) -> None:

@@ -17,9 +17,11 @@ new name durable, so the directory's fsync adds nothing:
   order before it;
 - btrfs: the fsync logs the inode with its current name in the log tree.
 
-Postfix's one fsync a message relies on the same behaviour of these file systems. Anything
-else (tmpfs, overlayfs, NFS, ext2 driven by its own name, a path not found in mountinfo) gets
+Postfix's one fsync a message relies on these file systems in the same way (for the entry
+of the queue file it created under its final name). Anything else (tmpfs, overlayfs, NFS,
+ext2 mounted as ext2, a spool whose device is not the mount's, an unreadable mountinfo) gets
 the directory fsync as well. ``spool.directory_fsync = "always"`` asks for it everywhere.
+Only SMTP acceptances take the shortcut: bounces, pickups and moves fsync the directory.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 class Mount:
     mount_point: str
     fs_type: str
+    device: str = ""  # "MAJOR:MINOR", as st_dev of a file on it reads
 
 
 _ESCAPE = re.compile(r"\\([0-7]{3})")
@@ -64,7 +67,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
             continue
         if len(fields) <= separator + 1:
             continue
-        mounts.append(Mount(_unescape(fields[4]), fields[separator + 1]))
+        mounts.append(Mount(_unescape(fields[4]), fields[separator + 1], fields[2]))
     return mounts
 
 
@@ -89,20 +92,43 @@ class AcceptanceSync:
     reason: str
 
 
+def decide(setting: str, path: str, mounts: list[Mount], device: str | None) -> AcceptanceSync:
+    """The choice for ``spool.directory_fsync`` = ``setting`` ("auto" or "always"), the spool
+    at ``path`` (absolute, symlinks resolved) on ``device`` ("MAJOR:MINOR" of its st_dev; None
+    if unknown), given the system's ``mounts``."""
+    if setting == "always":
+        return AcceptanceSync(True, 'spool.directory_fsync = "always"')
+    mount = mount_of(path, mounts)
+    if mount is None:
+        return AcceptanceSync(True, f"no mount found for {path}")
+    where = f"{mount.fs_type} on {mount.mount_point}"
+    if mount.fs_type not in NAME_DURABLE_WITH_FILE:
+        return AcceptanceSync(True, f"{where}: not known to make a new name durable with the file")
+    if device != mount.device:
+        # A mount hidden under a later one on a parent directory (an NFS mount over /srv
+        # hides an ext4 /srv/spool), or a btrfs subvolume that is not a mount of its own:
+        # the mount found is not the file system that holds the spool, so no shortcut.
+        return AcceptanceSync(
+            True, f"{where}, but the spool is on device {device or 'unknown'}, not {mount.device}"
+        )
+    return AcceptanceSync(False, f"{where}: the file's fsync makes its new name durable")
+
+
 def acceptance_sync(
     spool_path: str | Path, setting: str, mountinfo: Path = MOUNTINFO
 ) -> AcceptanceSync:
-    """Decide, for ``spool.directory_fsync`` = ``setting`` ("auto" or "always")."""
+    """``decide`` for this system: reads ``mountinfo`` and the spool's st_dev (the spool
+    directory must exist)."""
     if setting == "always":
-        return AcceptanceSync(True, 'spool.directory_fsync = "always"')
+        return decide(setting, "", [], None)
     try:
-        mounts = parse_mountinfo(mountinfo.read_text(encoding="utf-8", errors="replace"))
+        mounts = parse_mountinfo(mountinfo.read_text(encoding="utf-8", errors="surrogateescape"))
     except OSError as e:
         return AcceptanceSync(True, f"cannot read {mountinfo}: {e.strerror or e}")
-    mount = mount_of(os.path.realpath(spool_path), mounts)
-    if mount is None:
-        return AcceptanceSync(True, f"no mount found for {spool_path} in {mountinfo}")
-    where = f"{mount.fs_type} on {mount.mount_point}"
-    if mount.fs_type in NAME_DURABLE_WITH_FILE:
-        return AcceptanceSync(False, f"{where}: the file's fsync makes its new name durable")
-    return AcceptanceSync(True, f"{where}: not known to make a new name durable with the file")
+    path = os.path.realpath(spool_path)
+    try:
+        st_dev = os.stat(path).st_dev
+        device: str | None = f"{os.major(st_dev)}:{os.minor(st_dev)}"
+    except OSError:
+        device = None
+    return decide(setting, path, mounts, device)

@@ -198,6 +198,9 @@ class Spool:
         self.root = root
         self.id_tag = id_tag
         self.acceptance_directory_fsync = acceptance_directory_fsync
+        # Queue IDs whose commit is under way (written, maybe renamed into queue/, not yet
+        # durable): the queue's start-up scan must leave them to their own enqueue.
+        self.committing: set[str] = set()
         self.fs = fs
         self.tmp = root / "tmp"
         self.queue = root / QUEUE
@@ -263,8 +266,13 @@ class Spool:
 
     # -- acceptance ---------------------------------------------------------------------------
 
-    def open_writer(self, envelope: Envelope) -> MessageWriter:
-        return MessageWriter(self, envelope)
+    def open_writer(self, envelope: Envelope, directory_fsync: bool | None = None) -> MessageWriter:
+        """A new message; ``directory_fsync``: how its commit makes it durable (None: as an SMTP
+        acceptance, ``acceptance_directory_fsync``; True: the portable way, for anything else
+        that enters queue/ this way, such as a bounce)."""
+        if directory_fsync is None:
+            directory_fsync = self.acceptance_directory_fsync
+        return MessageWriter(self, envelope, directory_fsync)
 
     def new_queue_id(self) -> str:
         return new_queue_id(self._now(), self.id_tag)
@@ -656,9 +664,10 @@ class MessageWriter:
     message spills to its tmp file as it arrives, so memory stays bounded.
     """
 
-    def __init__(self, spool: Spool, envelope: Envelope) -> None:
+    def __init__(self, spool: Spool, envelope: Envelope, directory_fsync: bool = True) -> None:
         self._spool = spool
         self.envelope = envelope
+        self._directory_fsync = directory_fsync
         self._tmp_path = spool.tmp / envelope.queue_id
         self._final_path = spool.queue / envelope.queue_id
         self._framed = bytearray(MESSAGE_MAGIC + record(TAG_ENVELOPE, envelope.to_json()))
@@ -717,7 +726,16 @@ class MessageWriter:
         self._frame_pending()
         self._framed += end_record(self._body_length, self._body_crc)
         self._closed = True
+        queue_id = self.envelope.queue_id
+        committing = self._spool.committing
+        committing.add(queue_id)
+
+        def settled(result: object) -> object:
+            committing.discard(queue_id)  # before any callback of the caller's runs
+            return result
+
         d = self._spool._runner.run(self._make_durable)
+        d.addBoth(settled)
         return d.addErrback(self._discard_after_failure)
 
     def _discard_after_failure(self, failure: Failure) -> Failure:
@@ -731,7 +749,7 @@ class MessageWriter:
             self._file.close()
 
     def _make_durable(self) -> str:
-        """In the I/O thread: write what is left, fsync, rename into queue/, fsync queue/."""
+        """In the I/O thread: write what is left and make it durable in queue/ (_finish_durably)."""
         try:
             if self._error is not None:
                 raise self._error
@@ -741,10 +759,7 @@ class MessageWriter:
             self._close_file()
             self._spool.fs.unlink(self._tmp_path, missing_ok=True)
             raise SpoolWriteError(f"{e.strerror or e}") from e
-        spool = self._spool
-        _finish_durably(
-            spool, self.envelope, self._file, self._framed, spool.acceptance_directory_fsync
-        )
+        _finish_durably(self._spool, self.envelope, self._file, self._framed, self._directory_fsync)
         return self.envelope.queue_id
 
     def abort(self) -> None:
