@@ -176,7 +176,7 @@ class SpoolConfig:
     # "dsn": a permanently failed recipient is reported to the sender (RFC 3464) and the
     # message removed; "deadletter": the message is kept in failed/ and nobody is told.
     bounce: Literal["dsn", "deadletter"] = "dsn"
-    # "auto": on ext4, XFS and btrfs an accepted message is renamed into queue/ and then
+    # "auto": on ext4 and XFS an accepted message is renamed into queue/ and then
     # fsynced once, which makes it and its name durable (mailrelay.spool.filesystems);
     # elsewhere queue/ is fsynced as well. "always": fsync queue/ after every acceptance.
     directory_fsync: Literal["auto", "always"] = "auto"

@@ -57,15 +57,7 @@ from mailrelay.spool.format import (
     last_outcomes,
 )
 from mailrelay.spool.removals import DeliveredRemovals
-from mailrelay.spool.store import (
-    HOLD,
-    JOURNAL_SUFFIX,
-    QUEUE,
-    Spool,
-    is_queue_id,
-    queue_id_tag,
-    queue_id_time,
-)
+from mailrelay.spool.store import HOLD, QUEUE, Spool, is_queue_id, queue_id_tag, queue_id_time
 
 T = TypeVar("T")
 
@@ -122,9 +114,7 @@ def _lifetime_start(envelope: Envelope, journal: list[Outcome]) -> float:
 
 
 async def _spool_dsn(spool: Spool, envelope: Envelope, dsn: bytes) -> str:
-    # Made durable the portable way: a DSN is no SMTP acceptance, and a cut-short one would be
-    # taken for one (the "cut short" warning).
-    writer = spool.open_writer(envelope, directory_fsync=True)
+    writer = spool.open_writer(envelope)  # the portable way: a DSN is no SMTP acceptance
     writer.write(dsn)
     return await writer.commit()
 
@@ -263,9 +253,9 @@ class DeliveryQueue:
         if queue_id in self._queued or queue_id in (self._left_since_scan or ()):
             return False  # indexed since the scan (accepted, retried), or gone (held, done)
         if queue_id in self._spool.committing:
-            # Renamed into queue/ before its fsync (spool.directory_fsync), not yet durable:
-            # its commit enqueues it (or removes it). Indexed now, it could be delivered and
-            # forgotten before that enqueue, which would then send it a second time.
+            # Renamed into queue/ and not yet durable (before its one fsync, or its directory
+            # fsync): its commit enqueues it (or removes it). Indexed now, it could be
+            # delivered and forgotten before that enqueue, which would send it a second time.
             return False
         if not is_queue_id(queue_id):
             # Not ours (a file copied in by hand): never delivered, never counted.
@@ -564,18 +554,23 @@ class DeliveryQueue:
             # Where one fsync makes an acceptance durable (mailrelay.spool.filesystems), a
             # power cut between its rename and that fsync leaves a file cut short: its client
             # was not told 250 and sends it again. Kept for a person to look at all the same.
+            spool = self._spool
             cut_short = (
                 isinstance(e, TruncatedSpoolFile)
-                and not self._spool.acceptance_directory_fsync
-                and queue_id not in self._attempts  # never attempted: no 250 known of
-                and not self._spool.fs.exists(self._spool.queue / (queue_id + JOURNAL_SUFFIX))
+                and not spool.acceptance_directory_fsync
+                # A journal means it was attempted, so it had its 250.
+                and not await spool.run(spool.has_journal, queue_id)
             )
+            if cut_short:
+                text = (
+                    "{queue_id} is cut short, moved to corrupt/: {reason} (most likely an"
+                    " acceptance that a power cut interrupted, whose client got no 250)"
+                )
+            else:
+                text = "{queue_id} is corrupt, moved to corrupt/: {reason}"
             self.log.emit(
                 LogLevel.warn if cut_short else LogLevel.error,
-                "{queue_id} is cut short, moved to corrupt/: {reason} (an acceptance that a"
-                " power cut interrupted leaves such a file; no 250 was given for it)"
-                if cut_short
-                else "{queue_id} is corrupt, moved to corrupt/: {reason}",
+                text,
                 queue_id=queue_id,
                 event="corrupt",
                 reason=str(e),

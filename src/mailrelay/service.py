@@ -345,19 +345,14 @@ def buildService(
     try:
         # First, so that the file system holding it can be told (acceptance_sync).
         Path(config.spool.path).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(
-            f"spool.path: cannot use {config.spool.path!r}: {e.strerror or e}"
-        ) from None
-    sync = acceptance_sync(config.spool.path, config.spool.directory_fsync)
-    spool = Spool(
-        Path(config.spool.path),
-        runner,
-        reactor.seconds,
-        id_tag=id_tag,
-        acceptance_directory_fsync=sync.directory_fsync,
-    )
-    try:
+        sync = acceptance_sync(config.spool.path, config.spool.directory_fsync)
+        spool = Spool(
+            Path(config.spool.path),
+            runner,
+            reactor.seconds,
+            id_tag=id_tag,
+            acceptance_directory_fsync=sync.directory_fsync,
+        )
         lock = _lock_spool(spool)
         spool.prepare()
     except OSError as e:
@@ -480,6 +475,7 @@ def buildService(
             lambda tag: defer.Deferred.fromCoroutine(_after_acceptor_exit(spool, queue, tag)),
             metrics,
             remote,
+            acceptance_directory_fsync=spool.acceptance_directory_fsync,
         ).setServiceParent(inbound)
     readiness.setServiceParent(top)
 

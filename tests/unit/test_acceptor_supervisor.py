@@ -116,6 +116,7 @@ class World:
         listening: list[Listening] | None = None,
         ports: defer.Deferred[list[Listening]] | None = None,
         stop_timeout: float = 10.0,
+        acceptance_directory_fsync: bool = True,
     ) -> None:
         self.reactor = MemoryReactorClock()
         self.smtp = SMTPConfig(processes=processes, hostname="relay.test", max_connections=90)
@@ -146,6 +147,7 @@ class World:
             self.remote,
             stop_timeout=stop_timeout,
             spawn=self.spawn,
+            acceptance_directory_fsync=acceptance_directory_fsync,
         )
 
     def spawn(
@@ -223,6 +225,17 @@ def test_start_spawns_processes_minus_one_acceptors_with_the_listening_sockets()
     texts = [formatEvent(e) for e in logs.events]
     assert "acceptor 1 started (pid 4001)" in texts
     assert "acceptor 2 started (pid 4002)" in texts
+
+
+@pytest.mark.parametrize("directory_fsync", [True, False])
+def test_acceptors_are_told_how_the_relay_process_makes_acceptances_durable(
+    directory_fsync: bool,
+) -> None:
+    """Decided once, from the spool's file system (mailrelay.spool.filesystems), not again."""
+    w = World(processes=2, acceptance_directory_fsync=directory_fsync)
+    w.start()
+    [child] = w.spawned
+    assert child.settings.acceptance_directory_fsync is directory_fsync
 
 
 def test_every_tcp_listener_is_handed_on_in_order_from_fd_3_but_no_unix_one() -> None:

@@ -7,10 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 
 from mailrelay.blocking import InlineRunner
 from mailrelay.config import parse
+from mailrelay.inbound.delivery import RelayDelivery, Transaction
+from mailrelay.metrics import Metrics
 from mailrelay.service import buildService
 from mailrelay.spool.filesystems import (
     Mount,
@@ -83,7 +86,7 @@ def test_a_later_mount_on_the_same_point_hides_the_earlier_one() -> None:
     [
         ("/home/relay/spool", "auto", False),  # ext4
         ("/var/spool/mailrelay", "auto", False),  # xfs
-        ("/var/spool2/mailrelay", "auto", False),  # btrfs
+        ("/var/spool2/mailrelay", "auto", True),  # btrfs: not verified (filesystems.py)
         ("/var/spool/docker/spool", "auto", True),  # overlayfs
         ("/dev/shm/spool", "auto", True),  # tmpfs
         ("/proc/spool", "auto", True),  # anything else
@@ -124,11 +127,15 @@ def test_without_mountinfo_the_directory_is_fsynced_too(tmp_path: Path) -> None:
 def test_this_machine_is_decided_from_its_own_mountinfo(tmp_path: Path) -> None:
     """The real /proc/self/mountinfo and st_dev agree on where tmp_path is (whatever the
     answer for its file system)."""
+    try:
+        text = Path("/proc/self/mountinfo").read_text(errors="surrogateescape")
+    except OSError:
+        pytest.skip("no /proc/self/mountinfo here")
+    mount = mount_of(str(tmp_path.resolve()), parse_mountinfo(text))
+    if mount is None:
+        pytest.skip("tmp_path is on no listed mount (a chroot)")
     decided = acceptance_sync(tmp_path, "auto")
-    mount = mount_of(
-        str(tmp_path.resolve()), parse_mountinfo(Path("/proc/self/mountinfo").read_text())
-    )
-    assert mount is not None and mount.fs_type in decided.reason
+    assert mount.fs_type in decided.reason
     if mount.fs_type in ("ext4", "xfs"):
         assert "device" not in decided.reason  # the mount found is the one holding tmp_path
     assert acceptance_sync(tmp_path, "always").directory_fsync
@@ -186,7 +193,7 @@ def test_an_acceptance_is_made_durable_in_this_order(
     fs = Recording()
     spool = spool_on(tmp_path, fs, directory_fsync)
     env = envelope()
-    writer = spool.open_writer(env)
+    writer = spool.open_writer(env, smtp_acceptance=True)
     writer.write(b"x" * size)
     fs.calls.clear()
     fs.during_fsync = lambda: env.queue_id in spool.committing
@@ -205,7 +212,7 @@ def test_a_failed_step_leaves_no_copy_in_either_area_and_no_second_fsync(
 ) -> None:
     fs = Recording(fail=failing)
     spool = spool_on(tmp_path, fs, directory_fsync)
-    writer = spool.open_writer(envelope())
+    writer = spool.open_writer(envelope(), smtp_acceptance=True)
     writer.write(b"body\r\n")
     fs.calls.clear()
     if failing == "fsync_directory queue/" and not directory_fsync:
@@ -219,10 +226,10 @@ def test_a_failed_step_leaves_no_copy_in_either_area_and_no_second_fsync(
     assert spool.committing == set()
 
 
-def test_a_bounce_or_other_writer_can_ask_for_the_directory_fsync(tmp_path: Path) -> None:
+def test_a_bounce_or_any_other_writer_fsyncs_the_directory(tmp_path: Path) -> None:
     fs = Recording()
     spool = spool_on(tmp_path, fs, directory_fsync=False)
-    writer = spool.open_writer(envelope(), directory_fsync=True)
+    writer = spool.open_writer(envelope())
     writer.write(b"body\r\n")
     fs.calls.clear()
     result_of(writer.commit())
@@ -271,3 +278,26 @@ def test_the_relay_decides_once_its_spool_exists_and_logs_the_choice(
     what = "the file and queue/" if expected.directory_fsync else "the file only"
     assert (event["what"], event["reason"]) == (what, expected.reason)
     assert "unknown" not in event["reason"]
+
+
+def test_an_smtp_acceptance_takes_the_one_fsync_order(tmp_path: Path) -> None:
+    """RelayDelivery's message is the one writer that opts in (the others keep the directory
+    fsync)."""
+    fs = Recording()
+    spool = spool_on(tmp_path, fs, directory_fsync=False)
+    delivery = RelayDelivery(
+        peer=IPv4Address("TCP", "127.0.0.1", 40000),
+        hostname="relay.test",
+        spool=spool,
+        clock=Clock(),
+        on_accepted=lambda envelope, body: None,
+        metrics=Metrics(),
+    )
+    transaction = Transaction(
+        helo="client.test", sender="s@example.com", recipients=("r@example.org",), body_8bit=False
+    )
+    message = delivery.openMessage(transaction)
+    message.write(b"Subject: x\r\n\r\nbody\r\n")
+    fs.calls.clear()
+    result_of(message.commit())
+    assert fs.calls == ["rename tmp/ -> queue/", "fsync"]

@@ -1216,8 +1216,8 @@ def _fail_every_write(monkeypatch: pytest.MonkeyPatch) -> None:
 
     real_open_writer = Spool.open_writer
 
-    def open_writer(self: Spool, envelope: Any) -> MessageWriter:
-        writer = real_open_writer(self, envelope)
+    def open_writer(self: Spool, envelope: Any, smtp_acceptance: bool = False) -> MessageWriter:
+        writer = real_open_writer(self, envelope, smtp_acceptance)
         writer._file = FullDisk(writer._file)  # type: ignore[assignment]
         return writer
 
@@ -1248,7 +1248,7 @@ def test_spool_failure_at_the_dot_is_451_and_leaves_no_file(
 
 
 def _open_writer_raises(s: Session, monkeypatch: pytest.MonkeyPatch) -> None:
-    def open_writer(self: Spool, envelope: Any) -> MessageWriter:
+    def open_writer(self: Spool, envelope: Any, smtp_acceptance: bool = False) -> MessageWriter:
         raise OSError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(Spool, "open_writer", open_writer)

@@ -536,7 +536,7 @@ def _run(
 def _accept(life: Life, env: Envelope, body: bytes, abort: bool, result: Run) -> bool:
     """Receive one message; True if it got as far as its commit (fired or cut)."""
     try:
-        writer = life.spool.open_writer(env)
+        writer = life.spool.open_writer(env, smtp_acceptance=True)
         for i in range(0, len(body), 64 * 1024):
             writer.write(body[i : i + 64 * 1024])
         if abort:

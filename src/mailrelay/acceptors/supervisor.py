@@ -152,13 +152,17 @@ class AcceptorSupervisor(service.Service):
         remote: RemoteSamples,
         stop_timeout: float = STOP_TIMEOUT,
         spawn: Callable[..., Any] | None = None,
+        acceptance_directory_fsync: bool = True,
     ) -> None:
+        """``acceptance_directory_fsync``: what this process decided for its spool (see
+        mailrelay.spool.filesystems); its acceptors make their acceptances the same way."""
         self._reactor = reactor
         self._count = smtp.processes
         self._ports = ports
         self._smtp = smtp
         self._limits = limits
         self._spool = attrs.evolve(spool, path=os.path.abspath(spool.path))
+        self._acceptance_directory_fsync = acceptance_directory_fsync
         self._enqueue = enqueue
         self._enqueue_id = enqueue_id
         self._rescan = rescan
@@ -218,7 +222,13 @@ class AcceptorSupervisor(service.Service):
             child_fds[listener.fd] = listening.port.fileno()  # type: ignore[attr-defined]
         tag = self._new_tag()
         argv = AcceptorSettings(
-            index, tag, self._smtp, self._limits, self._spool, tuple(listeners)
+            index,
+            tag,
+            self._smtp,
+            self._limits,
+            self._spool,
+            tuple(listeners),
+            self._acceptance_directory_fsync,
         ).command_line()
         process = _AcceptorProcess(self, index, tag, self._reactor.seconds())
         try:

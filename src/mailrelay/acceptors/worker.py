@@ -61,7 +61,6 @@ from mailrelay.logformat import event_text, is_plain
 from mailrelay.logger import Logger
 from mailrelay.metrics import Metrics
 from mailrelay.netwrite import write_now
-from mailrelay.spool.filesystems import acceptance_sync
 from mailrelay.spool.format import Envelope
 from mailrelay.spool.store import Spool
 
@@ -92,6 +91,8 @@ class AcceptorSettings:
     limits: LimitsConfig
     spool: SpoolConfig  # its path absolute
     listeners: tuple[InheritedListener, ...]
+    # The relay process's decision for the spool (mailrelay.spool.filesystems), not made again.
+    acceptance_directory_fsync: bool = True
 
     def to_json(self) -> str:
         return json.dumps(attrs.asdict(self, recurse=True), separators=(",", ":"))
@@ -106,6 +107,7 @@ class AcceptorSettings:
             limits=LimitsConfig(**raw["limits"]),
             spool=SpoolConfig(**raw["spool"]),
             listeners=tuple(InheritedListener(**x) for x in raw["listeners"]),
+            acceptance_directory_fsync=bool(raw.get("acceptance_directory_fsync", True)),
         )
 
     def command_line(self) -> list[str]:
@@ -247,9 +249,7 @@ class Acceptor:
             self.pool,
             reactor.seconds,
             id_tag=settings.tag,
-            acceptance_directory_fsync=acceptance_sync(
-                spool_config.path, spool_config.directory_fsync
-            ).directory_fsync,
+            acceptance_directory_fsync=settings.acceptance_directory_fsync,
         )
         disk = FreeSpace(spool_config.path, spool_config.min_free_space, reactor)
         self.factory = RelaySMTPFactory(

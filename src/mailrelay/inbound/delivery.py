@@ -170,7 +170,7 @@ class RelayDelivery:
             body_8bit=transaction.body_8bit,
         )
         try:
-            writer = self._spool.open_writer(envelope)
+            writer = self._spool.open_writer(envelope, smtp_acceptance=True)
         except OSError as e:
             self.log.error("cannot open a spool file: {error}", error=e.strerror or str(e))
             raise smtp.SMTPServerError(

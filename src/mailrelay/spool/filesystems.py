@@ -2,10 +2,11 @@
 
 The durability contract for an accepted message is: its content and its name in queue/ are
 on disk before the 250. The portable way is two flushes: fsync the file, rename it into
-queue/, fsync queue/. On this machine's ext4 each flush is a separate trip to the disk, and
-the second one cost 10-25% of the messages a second (bench/README.md, "the sixth push").
+queue/, fsync queue/. Each flush is a separate trip to the disk, and on the test machine's
+ext4 the second one cost 7-17% of the messages a second at one client, 3-14% at ten
+(bench/README.md, "the sixth push").
 
-On three Linux file systems the file's own fsync, made *after* the rename, already makes its
+On two Linux file systems the file's own fsync, made *after* the rename, already makes its
 new name durable, so the directory's fsync adds nothing:
 
 - ext4 with a journal: the fsync commits the running journal transaction, and the rename
@@ -14,14 +15,17 @@ new name durable, so the directory's fsync adds nothing:
   (``EXT4_STATE_NEWENTRY``, set by ``ext4_add_entry``), and fsync then writes that parent
   directory too (``ext4_sync_parent``);
 - XFS: the fsync forces the log up to the inode's last change, and the rename is logged in
-  order before it;
-- btrfs: the fsync logs the inode with its current name in the log tree.
+  order before it.
 
-Postfix's one fsync a message relies on these file systems in the same way (for the entry
-of the queue file it created under its final name). Anything else (tmpfs, overlayfs, NFS,
-ext2 mounted as ext2, a spool whose device is not the mount's, an unreadable mountinfo) gets
-the directory fsync as well. ``spool.directory_fsync = "always"`` asks for it everywhere.
-Only SMTP acceptances take the shortcut: bounces, pickups and moves fsync the directory.
+Postfix makes its queue files durable with their own fsync alone and relies on these file
+systems in the same way. Anything else gets the directory fsync as well: tmpfs, overlayfs,
+NFS, ext2 mounted as ext2, btrfs (not verified here; its subvolumes' st_dev never matches
+mountinfo either), a spool whose device is not the mount's, an unreadable mountinfo.
+``spool.directory_fsync = "always"`` asks for it everywhere. Only SMTP acceptances take the
+shortcut: bounces, pickups and moves fsync the directory.
+
+ext4 without a journal needs its fsck after a crash, as it always does: a rename caught
+half-written there can leave the file under both names with one link.
 """
 
 from __future__ import annotations
@@ -29,11 +33,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 import attrs
 
+Setting = Literal["auto", "always"]
+
 # The file systems whose fsync of a renamed file makes its new name durable (see above).
-NAME_DURABLE_WITH_FILE = frozenset({"ext4", "xfs", "btrfs"})
+NAME_DURABLE_WITH_FILE = frozenset({"ext4", "xfs"})
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 
@@ -92,7 +99,7 @@ class AcceptanceSync:
     reason: str
 
 
-def decide(setting: str, path: str, mounts: list[Mount], device: str | None) -> AcceptanceSync:
+def decide(setting: Setting, path: str, mounts: list[Mount], device: str | None) -> AcceptanceSync:
     """The choice for ``spool.directory_fsync`` = ``setting`` ("auto" or "always"), the spool
     at ``path`` (absolute, symlinks resolved) on ``device`` ("MAJOR:MINOR" of its st_dev; None
     if unknown), given the system's ``mounts``."""
@@ -106,8 +113,8 @@ def decide(setting: str, path: str, mounts: list[Mount], device: str | None) -> 
         return AcceptanceSync(True, f"{where}: not known to make a new name durable with the file")
     if device != mount.device:
         # A mount hidden under a later one on a parent directory (an NFS mount over /srv
-        # hides an ext4 /srv/spool), or a btrfs subvolume that is not a mount of its own:
-        # the mount found is not the file system that holds the spool, so no shortcut.
+        # hides an ext4 /srv/spool): the mount found is not the file system that holds the
+        # spool, so no shortcut.
         return AcceptanceSync(
             True, f"{where}, but the spool is on device {device or 'unknown'}, not {mount.device}"
         )
@@ -115,12 +122,12 @@ def decide(setting: str, path: str, mounts: list[Mount], device: str | None) -> 
 
 
 def acceptance_sync(
-    spool_path: str | Path, setting: str, mountinfo: Path = MOUNTINFO
+    spool_path: str | Path, setting: Setting, mountinfo: Path = MOUNTINFO
 ) -> AcceptanceSync:
     """``decide`` for this system: reads ``mountinfo`` and the spool's st_dev (the spool
-    directory must exist)."""
+    directory must exist). The relay process decides once; its acceptors are told."""
     if setting == "always":
-        return decide(setting, "", [], None)
+        return decide(setting, "", [], None)  # nothing to read
     try:
         mounts = parse_mountinfo(mountinfo.read_text(encoding="utf-8", errors="surrogateescape"))
     except OSError as e:

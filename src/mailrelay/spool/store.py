@@ -18,11 +18,13 @@ Layout under the spool path::
     control.sock  the daemon's control channel (mode 0600), see mailrelay.control
 
 Durability contract: ``MessageWriter.commit`` writes the tmp file, fsyncs it, renames it into
-``queue/`` and fsyncs the directory; only when that Deferred fires may the server say 250. On
-ext4, XFS and btrfs (``spool.directory_fsync = "auto"``) it renames first and fsyncs the file
-once instead, which makes the content and the new name durable together (see
+``queue/`` and fsyncs the directory; only when that Deferred fires may the server say 250. For
+an SMTP acceptance on ext4 or XFS (``spool.directory_fsync = "auto"``) it renames first and
+fsyncs the file once instead, which makes the content and the new name durable together (see
 mailrelay.spool.filesystems).
-If any step fails the copy is removed and never delivered (no fsync retry: "fsyncgate").
+If any step fails the copy is removed and never delivered (no fsync retry: "fsyncgate"); only
+if that removal fails too (a file system gone read-only) may the copy be delivered after all,
+a duplicate of what the client sends again after its 451.
 Every move and removal fsyncs the directories it changed before it returns, but ``unlink``:
 the delivery queue makes the removals of delivered messages durable several at a time
 (mailrelay.spool.removals).
@@ -266,13 +268,20 @@ class Spool:
 
     # -- acceptance ---------------------------------------------------------------------------
 
-    def open_writer(self, envelope: Envelope, directory_fsync: bool | None = None) -> MessageWriter:
-        """A new message; ``directory_fsync``: how its commit makes it durable (None: as an SMTP
-        acceptance, ``acceptance_directory_fsync``; True: the portable way, for anything else
-        that enters queue/ this way, such as a bounce)."""
-        if directory_fsync is None:
-            directory_fsync = self.acceptance_directory_fsync
-        return MessageWriter(self, envelope, directory_fsync)
+    def open_writer(self, envelope: Envelope, smtp_acceptance: bool = False) -> MessageWriter:
+        """A new message. Its commit fsyncs the file, renames it into queue/ and fsyncs queue/;
+        an ``smtp_acceptance`` where ``acceptance_directory_fsync`` is off renames it and
+        fsyncs the file alone (mailrelay.spool.filesystems). Anything else (a bounce) keeps
+        the portable way: a cut-short file in queue/ then always means damage."""
+        one_fsync = smtp_acceptance and not self.acceptance_directory_fsync
+        return MessageWriter(self, envelope, directory_fsync=not one_fsync)
+
+    def has_journal(self, queue_id: str, area: str = QUEUE) -> bool:
+        """Whether a message has a journal (blocking); True when that cannot be told."""
+        try:
+            return self.fs.exists(self.area(area) / (queue_id + JOURNAL_SUFFIX))
+        except OSError:
+            return True
 
     def new_queue_id(self) -> str:
         return new_queue_id(self._now(), self.id_tag)
